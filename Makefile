@@ -1,0 +1,49 @@
+# Two commands do everything on a fresh clone: `make demo` and `make test`.
+# Both create .venv/ on first use. torch is pinned to the CPU build first so pip never resolves a
+# CUDA build; llama-cpp-python is compiled from source once and then reused from pip's wheel cache.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+# llama.cpp parts this project never uses are switched off to shorten the source build.
+export CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test lint typecheck bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade "pip>=24" setuptools wheel
+	$(PY) -m pip install "torch==2.13.0"
+	$(PY) -m pip install -e ".[dev,server]"
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/understudy demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check langchain_understudy students retrieval router distill_jobs plugin
+	$(MAKE) typecheck
+
+# mypy cannot follow setuptools' editable-install import hook, so it checks a link tree that has
+# the installed layout (students/ → langchain_understudy/students, ...).
+typecheck: $(STAMP)
+	rm -rf build/typecheck && mkdir -p build/typecheck/langchain_understudy
+	for f in langchain_understudy/*; do ln -s ../../../$$f build/typecheck/langchain_understudy/; done
+	for d in students retrieval router distill_jobs plugin; do ln -s ../../../$$d build/typecheck/langchain_understudy/$$d; done
+	cd build/typecheck && ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml -p langchain_understudy
+
+test: lint
+	$(PY) -m pytest -ra
+
+bench: $(STAMP)
+	$(PY) bench/student_speed.py
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,238 @@
+"""One configuration model for the whole package, loadable from TOML and the environment.
+
+Every field can be overridden by an ``UNDERSTUDY_*`` environment variable; nested fields use a double
+underscore, e.g. ``UNDERSTUDY_ROUTER__THRESHOLD=0.4`` or ``UNDERSTUDY_TEACHER__KIND=openai``.
+
+Example:
+    >>> cfg = UnderstudyConfig(student={"n_ctx": 1024})
+    >>> cfg.student.n_ctx
+    1024
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from langchain_understudy.errors import ConfigError
+
+__all__ = [
+    "KnowledgeSettings",
+    "RouterSettings",
+    "ServerSettings",
+    "StudentSettings",
+    "TeacherSettings",
+    "TraceSettings",
+    "UnderstudyConfig",
+    "load_config",
+]
+
+QuantType = Literal["F32", "F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StudentSettings(_Section):
+    """How the student is found and run."""
+
+    registry: Path = Path(".understudy/students")
+    """Folder of the student registry; the promoted version is served."""
+    model_path: Path | None = None
+    """A GGUF file to serve instead of the registry's promoted version."""
+    n_ctx: int = Field(default=2048, ge=64, le=1_048_576)
+    """Context window in tokens; must not exceed what the student was trained for."""
+    n_threads: int | None = Field(default=None, ge=1, le=1024)
+    """CPU threads for llama.cpp; ``None`` lets llama.cpp choose."""
+    n_gpu_layers: int = Field(default=0, ge=-1)
+    """Layers offloaded to the GPU (``-1``: all); needs a CUDA/Metal build of llama-cpp-python."""
+    max_tokens: int = Field(default=256, ge=1, le=131_072)
+    """Default cap on generated tokens."""
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    """Sampling temperature; 0 is greedy and deterministic."""
+    overflow: Literal["truncate", "error"] = "truncate"
+    """What to do when a conversation exceeds the context: drop oldest turns or raise."""
+
+
+class KnowledgeSettings(_Section):
+    """Where current facts live."""
+
+    path: Path | None = None
+    """Folder of the knowledge store; ``None`` disables retrieval."""
+    index: Literal["flat", "hnsw", "ivf"] = "flat"
+    """FAISS index kind."""
+    k: int = Field(default=4, ge=1, le=100)
+    """Facts retrieved per turn."""
+    min_relevance: float = Field(default=0.0, ge=0.0, le=1.0)
+    """Facts below this relevance score are not shown to the student."""
+    embedding_model: Path | None = None
+    """A local sentence-transformers folder; ``None`` uses the bundled all-MiniLM-L6-v2."""
+
+
+class TeacherSettings(_Section):
+    """The large model that answers what the student should not."""
+
+    kind: Literal["none", "openai", "gguf", "import"] = "none"
+    """``openai``: any OpenAI-compatible endpoint; ``gguf``: a larger local GGUF;
+    ``import``: a ``module:factory`` returning a LangChain chat model; ``none``: student only."""
+    model: str = "gpt-4o-mini"
+    """Model name sent to an OpenAI-compatible endpoint."""
+    base_url: str | None = None
+    """Endpoint URL for ``openai`` (vLLM, llama.cpp server, Ollama, a hosted API)."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable holding the API key; the key itself never goes in the file."""
+    path: Path | None = None
+    """GGUF file for ``gguf``."""
+    factory: str | None = None
+    """``module:callable`` for ``import``."""
+    timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    """Per-call timeout."""
+    max_retries: int = Field(default=2, ge=0, le=10)
+    """Retries with exponential backoff before the teacher counts as down."""
+    calls_per_minute: int | None = Field(default=None, ge=1)
+    """Budget: teacher calls allowed per minute (``None``: unlimited)."""
+    calls_per_day: int | None = Field(default=None, ge=1)
+    """Budget: teacher calls allowed per day (``None``: unlimited)."""
+
+    @field_validator("factory")
+    @classmethod
+    def _check_factory(cls, v: str | None) -> str | None:
+        if v is not None and ":" not in v:
+            msg = f"must be 'module:callable', got {v!r}"
+            raise ValueError(msg)
+        return v
+
+
+class RouterSettings(_Section):
+    """How requests are split between student and teacher."""
+
+    mode: Literal["pre", "cascade", "auto"] = "auto"
+    """``pre`` decides before generating, ``cascade`` after, ``auto`` both."""
+    threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+    """Escalate when the escalation score is at or above this value."""
+    always_teacher_patterns: list[str] = Field(default_factory=list)
+    """Regular expressions; a conversation matching any goes to the teacher."""
+    never_teacher_patterns: list[str] = Field(default_factory=list)
+    """Regular expressions; a matching conversation never leaves the machine."""
+    private_tags: list[str] = Field(default_factory=lambda: ["private"])
+    """Run tags that forbid escalation."""
+    block_pii: bool = True
+    """Forbid escalation when PII is detected in the conversation."""
+    audit_log: Path | None = None
+    """JSONL file where every routing decision is appended."""
+
+
+class TraceSettings(_Section):
+    """Where teacher traces are recorded."""
+
+    path: Path = Path(".understudy/traces.sqlite")
+    """SQLite file of the trace store."""
+    redact: bool = True
+    """Redact PII before writing."""
+
+
+class ServerSettings(_Section):
+    """The OpenAI-compatible server."""
+
+    host: str = "127.0.0.1"
+    """Bind address; anything but loopback requires ``api_key_env`` to be set."""
+    port: int = Field(default=8321, ge=0, le=65535)
+    """TCP port."""
+    api_key_env: str = "UNDERSTUDY_API_KEY"
+    """Environment variable holding the bearer key clients must send."""
+    max_request_bytes: int = Field(default=1_000_000, ge=1024)
+    """Largest request body accepted."""
+    max_tokens_limit: int = Field(default=2048, ge=1)
+    """Largest ``max_tokens`` a client may ask for."""
+
+
+class UnderstudyConfig(BaseSettings):
+    """The whole configuration: student, knowledge, teacher, router, traces and server."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="UNDERSTUDY_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_assignment=True,
+    )
+
+    student: StudentSettings = Field(default_factory=StudentSettings)
+    """The student runtime."""
+    knowledge: KnowledgeSettings = Field(default_factory=KnowledgeSettings)
+    """The knowledge store."""
+    teacher: TeacherSettings = Field(default_factory=TeacherSettings)
+    """The teacher."""
+    router: RouterSettings = Field(default_factory=RouterSettings)
+    """The router."""
+    traces: TraceSettings = Field(default_factory=TraceSettings)
+    """The trace store."""
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    """The HTTP server."""
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Make relative paths in a TOML file relative to the file, not to the working directory."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out[key] = _resolve_paths(value, base)
+        elif key in {"registry", "model_path", "path", "embedding_model", "audit_log"} and isinstance(
+            value, str
+        ):
+            p = Path(os.path.expanduser(value))
+            out[key] = str(p if p.is_absolute() else base / p)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> UnderstudyConfig:
+    """Load the configuration from a TOML file, then apply ``UNDERSTUDY_*`` overrides.
+
+    Args:
+        path: A TOML file; ``None`` uses only defaults and the environment.
+
+    Raises:
+        ConfigError: the file is missing, is not TOML, or holds an invalid value.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError as e:
+            msg = f"config file {p} does not exist; create one with `understudy init {p}`"
+            raise ConfigError(msg) from e
+        except tomllib.TOMLDecodeError as e:
+            msg = f"config file {p} is not valid TOML: {e}"
+            raise ConfigError(msg) from e
+        data = _resolve_paths(data, p.resolve().parent)
+    try:
+        return _from_file_then_env(data)
+    except ValidationError as e:
+        msg = f"invalid configuration{f' in {path}' if path else ''}: {e}"
+        raise ConfigError(msg) from e
+
+
+def _from_file_then_env(data: dict[str, Any]) -> UnderstudyConfig:
+    # Environment variables win over the file: build from env alone, then deep-merge.
+    env_cfg = UnderstudyConfig()
+    env_set = env_cfg.model_dump(exclude_unset=True)
+    merged = _deep_merge(data, env_set)
+    return UnderstudyConfig.model_validate(merged)
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out

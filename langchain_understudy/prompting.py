@@ -1,0 +1,190 @@
+"""The one prompt format a student sees, in training and in serving.
+
+Every piece of text a student reads is built by :func:`render_prompt`: the distillation job calls it
+to build training examples and :class:`~langchain_understudy.students.ChatStudent` calls it to serve a
+request. Keeping both on one function is what prevents train/serve skew.
+
+The format is plain text with role markers that a tokenizer trained by the distillation job keeps as
+single special tokens::
+
+    <|system|>
+    You are a helpful assistant.
+    <|facts|>
+    [1] (pricing.pro, as of 2026-01-01) The Pro plan costs 49 EUR a month.
+    <|user|>
+    How much is Pro?
+    <|assistant|>
+    49 EUR a month.<|end|>
+
+Example:
+    >>> from langchain_core.messages import HumanMessage
+    >>> print(render_prompt([HumanMessage("hi")]), end="")
+    <|user|>
+    hi
+    <|assistant|>
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from langchain_core.messages import (
+    AIMessage,
+    BaseMessage,
+    ChatMessage,
+    FunctionMessage,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+)
+
+__all__ = [
+    "END",
+    "ROLE_MARKERS",
+    "SPECIAL_TOKENS",
+    "Fact",
+    "message_text",
+    "render_answer",
+    "render_prompt",
+    "render_turns",
+]
+
+SYSTEM = "<|system|>"
+FACTS = "<|facts|>"
+USER = "<|user|>"
+ASSISTANT = "<|assistant|>"
+TOOL = "<|tool|>"
+END = "<|end|>"
+ROLE_MARKERS: dict[str, str] = {
+    "system": SYSTEM,
+    "facts": FACTS,
+    "user": USER,
+    "assistant": ASSISTANT,
+    "tool": TOOL,
+}
+#: Tokens a student tokenizer must keep whole; `END` closes every assistant turn.
+SPECIAL_TOKENS: tuple[str, ...] = (*ROLE_MARKERS.values(), END)
+
+
+@dataclass(frozen=True)
+class Fact:
+    """A retrieved fact as the student sees it.
+
+    Attributes:
+        text: The fact's text.
+        key: The fact's stable key in the knowledge store, if any.
+        as_of: When the fact became true, as an ISO-8601 string, if known.
+    """
+
+    text: str
+    key: str | None = None
+    as_of: str | None = None
+
+
+def message_text(message: BaseMessage) -> str:
+    """Return a message's content as text, tool calls rendered as JSON lines."""
+    content = message.content
+    if isinstance(content, str):
+        text = content
+    else:
+        parts = []
+        for block in content:
+            if isinstance(block, str):
+                parts.append(block)
+            elif isinstance(block, dict) and block.get("type") == "text":
+                parts.append(str(block.get("text", "")))
+        text = "".join(parts)
+    if isinstance(message, AIMessage) and message.tool_calls:
+        calls = [
+            json.dumps({"tool": c["name"], "args": c["args"]}, sort_keys=True)
+            for c in message.tool_calls
+        ]
+        text = "\n".join([t for t in [text, *calls] if t])
+    return text.strip()
+
+
+def _role(message: BaseMessage) -> str:
+    if isinstance(message, SystemMessage):
+        return "system"
+    if isinstance(message, HumanMessage):
+        return "user"
+    if isinstance(message, AIMessage):
+        return "assistant"
+    if isinstance(message, (ToolMessage, FunctionMessage)):
+        return "tool"
+    if isinstance(message, ChatMessage):
+        return {"human": "user", "ai": "assistant"}.get(message.role, message.role)
+    return {"human": "user", "ai": "assistant"}.get(message.type, "user")
+
+
+def render_turns(messages: Sequence[BaseMessage]) -> list[tuple[str, str]]:
+    """Return the conversation as ``(role, text)`` pairs, system messages merged first."""
+    system = [message_text(m) for m in messages if _role(m) == "system"]
+    turns: list[tuple[str, str]] = []
+    if any(system):
+        turns.append(("system", "\n".join(s for s in system if s)))
+    for m in messages:
+        role = _role(m)
+        if role == "system":
+            continue
+        turns.append((role if role in ROLE_MARKERS else "user", message_text(m)))
+    return turns
+
+
+def _render_facts(facts: Sequence[Fact | str]) -> str:
+    lines = []
+    for i, fact in enumerate(facts, 1):
+        if isinstance(fact, str):
+            lines.append(f"[{i}] {fact.strip()}")
+            continue
+        tags = ", ".join(t for t in (fact.key, f"as of {fact.as_of}" if fact.as_of else None) if t)
+        prefix = f"[{i}] ({tags}) " if tags else f"[{i}] "
+        lines.append(prefix + fact.text.strip())
+    return "\n".join(lines)
+
+
+def render_prompt(
+    messages: Sequence[BaseMessage],
+    facts: Sequence[Fact | str] | None = None,
+    *,
+    system: str | None = None,
+) -> str:
+    """Render a conversation (and retrieved facts) as the text a student continues.
+
+    Args:
+        messages: The conversation so far; its last message is normally the user's turn.
+            A trailing assistant message is *not* included: the prompt always ends with the
+            assistant marker the student completes.
+        facts: Facts retrieved for this turn, most relevant first; placed after the system
+            line and before the conversation.
+        system: A default system line used when the conversation has none.
+
+    Returns:
+        The prompt text, ending with ``"<|assistant|>\\n"``.
+    """
+    turns = render_turns(messages)
+    if turns and turns[-1][0] == "assistant":
+        turns = turns[:-1]
+    if system and not (turns and turns[0][0] == "system"):
+        turns.insert(0, ("system", system))
+    out: list[str] = []
+    body = turns
+    if turns and turns[0][0] == "system":
+        out.append(f"{SYSTEM}\n{turns[0][1]}\n")
+        body = turns[1:]
+    if facts:
+        out.append(f"{FACTS}\n{_render_facts(facts)}\n")
+    for role, text in body:
+        marker = ROLE_MARKERS[role]
+        close = END if role == "assistant" else ""
+        out.append(f"{marker}\n{text}{close}\n")
+    out.append(f"{ASSISTANT}\n")
+    return "".join(out)
+
+
+def render_answer(answer: str | BaseMessage) -> str:
+    """Render the assistant's answer as the training target that follows :func:`render_prompt`."""
+    text = message_text(answer) if isinstance(answer, BaseMessage) else answer.strip()
+    return f"{text}{END}"

@@ -1,0 +1,95 @@
+"""The only place, with ``chat_models.py``, that touches ``llama_cpp``."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+from langchain_understudy.errors import ArtifactError, ConfigError
+
+__all__ = ["diagnose_gguf", "llama_quantize", "load_llama"]
+
+
+def diagnose_gguf(path: Path) -> str:
+    """Explain why a file is not a loadable GGUF: missing, foreign, truncated or unsupported."""
+    if not path.exists():
+        return f"{path} does not exist; check the path or run `understudy students list`"
+    if path.is_dir():
+        return f"{path} is a folder; pass the .gguf file inside it"
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        return (
+            f"{path} is not a GGUF file (starts with {magic!r}); export a Hugging Face checkpoint "
+            "with `understudy students export CKPT OUT.gguf`"
+        )
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # gguf raises several types on short reads
+        return f"{path} is truncated or corrupt ({type(e).__name__}: {e}); re-export or re-copy it"
+    field = reader.fields.get("general.architecture")
+    arch = bytes(field.parts[field.data[0]]).decode() if field else "unknown"
+    size = path.stat().st_size
+    end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    if end > size:
+        return f"{path} is truncated ({size} bytes, needs {end}); re-export or re-copy it"
+    return (
+        f"llama.cpp could not load {path} (architecture {arch!r}); this llama-cpp-python build may "
+        "not support that architecture: upgrade llama-cpp-python or export a llama/qwen2 student"
+    )
+
+
+def load_llama(
+    path: Path,
+    *,
+    n_ctx: int,
+    n_threads: int | None,
+    n_gpu_layers: int,
+    seed: int,
+    n_batch: int = 512,
+    logits_all: bool = False,
+    verbose: bool = False,
+) -> Any:
+    """Load a GGUF into a ``llama_cpp.Llama``, turning llama.cpp's failures into clear errors."""
+    import llama_cpp
+
+    if not path.is_file():
+        raise ArtifactError(diagnose_gguf(path))
+    stderr = io.StringIO()
+    try:
+        # llama.cpp prints its load log to stderr; keep it for the error message instead.
+        with contextlib.redirect_stderr(stderr):
+            return llama_cpp.Llama(
+                model_path=str(path),
+                n_ctx=n_ctx,
+                n_threads=n_threads,
+                n_threads_batch=n_threads,
+                n_gpu_layers=n_gpu_layers,
+                n_batch=min(n_batch, n_ctx),
+                seed=seed,
+                logits_all=logits_all,
+                verbose=verbose,
+            )
+    except (ValueError, RuntimeError) as e:
+        raise ArtifactError(diagnose_gguf(path)) from e
+
+
+def llama_quantize(src: Path, dst: Path, ftype: int, *, n_threads: int = 0) -> None:
+    """Run ``llama_model_quantize``; raise a clear error on failure instead of crashing."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = n_threads or (os.cpu_count() or 1)
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    if rc != 0:
+        msg = (
+            f"llama.cpp failed to quantize {src} (ftype {ftype}, code {rc}); check that it is an "
+            "f32/f16 GGUF written by export_gguf and that the target type fits its tensor shapes"
+        )
+        raise ConfigError(msg)

@@ -1,0 +1,582 @@
+"""``ChatStudent``: a GGUF student served by llama.cpp as a LangChain chat model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import queue
+import threading
+import warnings
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from langchain_core.callbacks import (
+    AsyncCallbackManagerForLLMRun,
+    CallbackManagerForLLMRun,
+)
+from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.language_models.chat_models import LangSmithParams
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, SystemMessage
+from langchain_core.messages.ai import UsageMetadata
+from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
+from langchain_core.utils.function_calling import convert_to_json_schema
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+
+from langchain_understudy.errors import ArtifactError, ConfigError, StudentError
+from langchain_understudy.prompting import END, Fact, render_prompt
+
+__all__ = ["ChatStudent", "confidence_from_logprobs"]
+
+logger = logging.getLogger(__name__)
+
+#: How many of the least likely generated tokens the confidence averages over.
+CONFIDENCE_WEAKEST = 4
+
+
+def confidence_from_logprobs(logprobs: Sequence[float], weakest: int = CONFIDENCE_WEAKEST) -> float:
+    """Turn generated tokens' log-probabilities into a confidence in [0, 1].
+
+    ``confidence = exp(mean of the k lowest log-probabilities)``, ``k = min(weakest, n)``.
+
+    The plain mean probability is length-biased: a long answer full of easy tokens ("the", closing
+    braces) scores high even when the one token that matters was a coin flip, and the joint
+    probability falls with every token. Averaging the *k weakest* log-probabilities keeps the score
+    about the uncertain part of the answer and independent of its length. For an answer of at most
+    ``k`` tokens it is the geometric mean of the token probabilities. The end-of-answer token is
+    included: being unsure where the answer stops is uncertainty too.
+
+    Example:
+        >>> round(confidence_from_logprobs([0.0, 0.0, math.log(0.5)]), 3)
+        0.794
+    """
+    if not logprobs:
+        return 0.0
+    k = min(weakest, len(logprobs))
+    low = sorted(logprobs)[:k]
+    return float(min(1.0, max(0.0, math.exp(sum(low) / k))))
+
+
+def _log_softmax_at(logits: np.ndarray, token: int) -> float:
+    m = float(logits.max())
+    return float(logits[token]) - m - math.log(float(np.exp(logits - m).sum()))
+
+
+@dataclass
+class _Generation:
+    """One finished or in-flight generation."""
+
+    text: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = "stop"
+    logprobs: list[float] = field(default_factory=list)
+    truncated_turns: int = 0
+
+
+class _Pool:
+    """llama.cpp contexts are not thread-safe: each call borrows one of ``size`` instances."""
+
+    def __init__(self, size: int, factory: Callable[[], Any]) -> None:
+        self._factory = factory
+        self._size = size
+        self._made = 0
+        self._free: queue.LifoQueue[Any] = queue.LifoQueue()
+        self._lock = threading.Lock()
+
+    def acquire(self) -> Any:
+        try:
+            return self._free.get_nowait()
+        except queue.Empty:
+            pass
+        with self._lock:
+            if self._made < self._size:
+                self._made += 1
+                try:
+                    return self._factory()
+                except BaseException:
+                    self._made -= 1
+                    raise
+        return self._free.get()
+
+    def release(self, item: Any) -> None:
+        self._free.put(item)
+
+    def peek(self) -> Any:
+        item = self.acquire()
+        self.release(item)
+        return item
+
+
+class ChatStudent(BaseChatModel):
+    """A distilled student in GGUF, run by llama.cpp, as a LangChain chat model.
+
+    The model file is loaded on first use. Calls are thread-safe: each borrows one of
+    ``n_instances`` llama.cpp contexts (weights are memory-mapped once and shared). Messages are
+    rendered by :func:`langchain_understudy.prompting.render_prompt`, the same function the
+    distillation job trains with. Retrieved facts can be passed per call as ``facts=[...]``.
+
+    Every returned message carries ``usage_metadata`` and ``response_metadata`` with
+    ``model_name``, ``finish_reason`` and ``confidence`` (see :func:`confidence_from_logprobs`).
+
+    Conversations longer than the context: with ``overflow="truncate"`` (default) the oldest
+    non-system turns are dropped with a warning until prompt + ``max_tokens`` fit, and
+    ``response_metadata["truncated_turns"]`` says how many; with ``overflow="error"``, or when the
+    last turn alone does not fit, :class:`~langchain_understudy.errors.StudentError` is raised.
+
+    Example:
+        >>> from langchain_understudy.students import ChatStudent
+        >>> student = ChatStudent(model_path="student.Q8_0.gguf", max_tokens=64)  # doctest: +SKIP
+        >>> student.invoke("What does the Pro plan cost?").content  # doctest: +SKIP
+        '49 EUR a month.'
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, populate_by_name=True)
+
+    model_path: Path
+    """The GGUF file."""
+    n_ctx: int = Field(default=2048, ge=64)
+    """Context window in tokens."""
+    n_threads: int | None = Field(default=None, ge=1)
+    """CPU threads; ``None`` lets llama.cpp choose."""
+    n_gpu_layers: int = Field(default=0, ge=-1)
+    """Layers to offload to a GPU (``-1``: all); needs a CUDA or Metal build of llama-cpp-python."""
+    n_batch: int = Field(default=512, ge=1)
+    """Prompt tokens evaluated per llama.cpp batch."""
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    """0 decodes greedily (deterministic)."""
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    """Nucleus sampling mass when ``temperature > 0``."""
+    max_tokens: int = Field(default=256, ge=1)
+    """Cap on generated tokens per call."""
+    stop: list[str] | None = None
+    """Extra stop strings; the end-of-answer marker always stops."""
+    seed: int = 0
+    """Sampling seed."""
+    confidence: bool = True
+    """Compute ``response_metadata["confidence"]`` (costs one softmax per generated token)."""
+    overflow: Literal["truncate", "error"] = "truncate"
+    """Drop oldest turns (with a warning) or raise when a conversation exceeds the context."""
+    system_prompt: str | None = None
+    """System line used when the conversation has none."""
+    json_schema: dict[str, Any] | None = None
+    """Constrain every answer to this JSON schema with a llama.cpp grammar."""
+    n_instances: int = Field(default=1, ge=1, le=64)
+    """llama.cpp contexts for concurrent calls (each holds its own KV cache)."""
+    student_version: str | None = None
+    """Registry version this student was loaded from, reported in metadata."""
+    model_name: str | None = Field(default=None, alias="model")
+    """Name reported as ``model_name``; defaults to the file name."""
+    verbose: bool = False
+    """Let llama.cpp print its logs."""
+
+    _pool: _Pool | None = PrivateAttr(default=None)
+    _pool_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _grammars: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_file(self) -> ChatStudent:
+        path = Path(self.model_path)
+        if not path.is_file():
+            from langchain_understudy.students._llama import diagnose_gguf
+
+            raise ArtifactError(diagnose_gguf(path))
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                from langchain_understudy.students._llama import diagnose_gguf
+
+                raise ArtifactError(diagnose_gguf(path))
+        if self.json_schema is not None:
+            self._grammar(self.json_schema)
+        return self
+
+    @classmethod
+    def from_registry(
+        cls, registry: Any, version: str | None = None, **kwargs: Any
+    ) -> ChatStudent:
+        """Build a student from a registry version (default: the promoted one).
+
+        Args:
+            registry: A :class:`~langchain_understudy.students.StudentRegistry` or its folder.
+            version: A version id; ``None`` serves the promoted version.
+            **kwargs: Other ``ChatStudent`` fields.
+        """
+        from langchain_understudy.students.registry import StudentRegistry
+
+        reg = registry if isinstance(registry, StudentRegistry) else StudentRegistry(registry)
+        v = reg.get(version) if version else reg.current()
+        if v is None:
+            msg = f"no student is promoted in {reg.root}; run `understudy students promote V`"
+            raise ArtifactError(msg)
+        return cls(model_path=v.path, student_version=v.version, **kwargs)
+
+    # -- LangChain plumbing -------------------------------------------------------------------
+    @property
+    def _llm_type(self) -> str:
+        return "understudy-student"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {
+            "model_path": str(self.model_path),
+            "n_ctx": self.n_ctx,
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+            "student_version": self.student_version,
+        }
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = super()._get_ls_params(stop=stop, **kwargs)
+        params["ls_provider"] = "understudy"
+        params["ls_model_name"] = self._model_name
+        params["ls_temperature"] = kwargs.get("temperature", self.temperature)
+        params["ls_max_tokens"] = kwargs.get("max_tokens", self.max_tokens)
+        if stop or self.stop:
+            params["ls_stop"] = stop or self.stop
+        return params
+
+    @property
+    def _model_name(self) -> str:
+        return self.model_name or Path(self.model_path).name
+
+    # -- runtime ------------------------------------------------------------------------------
+    def _load(self) -> Any:
+        from langchain_understudy.students._llama import load_llama
+
+        return load_llama(
+            Path(self.model_path),
+            n_ctx=self.n_ctx,
+            n_threads=self.n_threads,
+            n_gpu_layers=self.n_gpu_layers,
+            seed=self.seed,
+            n_batch=self.n_batch,
+            verbose=self.verbose,
+        )
+
+    def _get_pool(self) -> _Pool:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = _Pool(self.n_instances, self._load)
+            return self._pool
+
+    def load(self) -> ChatStudent:
+        """Load the model now instead of on first use; returns ``self``."""
+        self._get_pool().peek()
+        return self
+
+    def count_tokens(self, text: str) -> int:
+        """Return how many tokens the student's tokenizer makes of ``text``."""
+        pool = self._get_pool()
+        llm = pool.acquire()
+        try:
+            return len(llm.tokenize(text.encode("utf-8"), add_bos=True, special=True))
+        finally:
+            pool.release(llm)
+
+    def _grammar(self, schema: Mapping[str, Any]) -> Any:
+        key = json.dumps(schema, sort_keys=True)
+        if key not in self._grammars:
+            from llama_cpp import LlamaGrammar
+
+            try:
+                self._grammars[key] = LlamaGrammar.from_json_schema(key, verbose=False)
+            except Exception as e:
+                msg = f"invalid JSON schema for constrained generation: {e}; schema: {key[:200]}"
+                raise ConfigError(msg) from e
+        return self._grammars[key]
+
+    def _prompt_tokens(
+        self,
+        llm: Any,
+        messages: Sequence[BaseMessage],
+        facts: Sequence[Fact | str] | None,
+        max_tokens: int,
+    ) -> tuple[list[int], int]:
+        msgs = list(messages)
+        dropped = 0
+        while True:
+            text = render_prompt(msgs, facts, system=self.system_prompt)
+            tokens = llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+            if len(tokens) + max_tokens <= self.n_ctx:
+                return tokens, dropped
+            droppable = [
+                i for i, m in enumerate(msgs[:-1]) if not isinstance(m, SystemMessage)
+            ]
+            if self.overflow == "error" or not droppable:
+                msg = (
+                    f"conversation needs {len(tokens)} prompt tokens + {max_tokens} for the answer, "
+                    f"more than the student's context of {self.n_ctx}; shorten it, lower "
+                    "max_tokens, or raise n_ctx (up to what the student was trained for)"
+                )
+                raise StudentError(msg)
+            del msgs[droppable[0]]
+            dropped += 1
+
+    def _run(
+        self,
+        messages: Sequence[BaseMessage],
+        stop: list[str] | None,
+        on_text: Callable[[str, float | None], None] | None = None,
+        **kwargs: Any,
+    ) -> _Generation:
+        max_tokens = int(kwargs.get("max_tokens") or self.max_tokens)
+        temperature = float(kwargs.get("temperature", self.temperature))
+        schema = kwargs.get("json_schema", self.json_schema)
+        grammar = self._grammar(schema) if schema is not None else None
+        stops = [s for s in [*(self.stop or []), *(stop or []), END] if s]
+        want_conf = bool(kwargs.get("confidence", self.confidence))
+        pool = self._get_pool()
+        llm = pool.acquire()
+        try:
+            tokens, dropped = self._prompt_tokens(llm, messages, kwargs.get("facts"), max_tokens)
+            if dropped:
+                warnings.warn(
+                    f"conversation exceeded the student's context ({self.n_ctx} tokens); "
+                    f"dropped the {dropped} oldest turn(s)",
+                    stacklevel=3,
+                )
+            gen = _Generation(prompt_tokens=len(tokens), truncated_turns=dropped)
+            self._decode(llm, tokens, gen, stops, max_tokens, temperature, grammar, want_conf, on_text)
+            return gen
+        finally:
+            pool.release(llm)
+
+    def _decode(
+        self,
+        llm: Any,
+        tokens: list[int],
+        gen: _Generation,
+        stops: list[str],
+        max_tokens: int,
+        temperature: float,
+        grammar: Any,
+        want_conf: bool,
+        on_text: Callable[[str, float | None], None] | None,
+    ) -> None:
+        eos = llm.token_eos()
+        hold = max((len(s) for s in stops), default=1) - 1
+        raw = bytearray()
+        emitted = 0  # characters of decoded text already handed out
+        gen.finish_reason = "length"
+        sampler_args: dict[str, Any] = (
+            {"temp": temperature, "top_p": self.top_p, "top_k": 0, "min_p": 0.0}
+            if temperature > 0
+            else {"temp": 0.0, "top_k": 1, "top_p": 1.0, "min_p": 0.0}
+        )
+        for token in llm.generate(
+            tokens, reset=True, repeat_penalty=1.0, grammar=grammar, **sampler_args
+        ):
+            if want_conf:
+                gen.logprobs.append(_log_softmax_at(llm._scores[-1, :], token))
+            if token == eos or llm._model.token_is_eog(token):
+                gen.finish_reason = "stop"
+                break
+            gen.completion_tokens += 1
+            raw += llm.detokenize([token], special=False)
+            text = raw.decode("utf-8", errors="ignore")
+            cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+            if cut >= 0:
+                text = text[:cut]
+                if on_text and len(text) > emitted:
+                    on_text(text[emitted:], None)
+                gen.text = text
+                gen.finish_reason = "stop"
+                return
+            safe = len(text) - hold
+            if on_text and safe > emitted:
+                on_text(text[emitted:safe], gen.logprobs[-1] if gen.logprobs else None)
+                emitted = safe
+            gen.text = text
+            if gen.completion_tokens >= max_tokens:
+                break
+        if on_text and len(gen.text) > emitted:
+            on_text(gen.text[emitted:], None)
+
+    def _metadata(self, gen: _Generation) -> dict[str, Any]:
+        meta: dict[str, Any] = {
+            "model_name": self._model_name,
+            "finish_reason": gen.finish_reason,
+            "confidence": confidence_from_logprobs(gen.logprobs) if gen.logprobs else None,
+            "model_provider": "understudy",
+        }
+        if self.student_version:
+            meta["student_version"] = self.student_version
+        if gen.truncated_turns:
+            meta["truncated_turns"] = gen.truncated_turns
+        return meta
+
+    @staticmethod
+    def _usage(gen: _Generation) -> UsageMetadata:
+        return UsageMetadata(
+            input_tokens=gen.prompt_tokens,
+            output_tokens=gen.completion_tokens,
+            total_tokens=gen.prompt_tokens + gen.completion_tokens,
+        )
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        on_text = None
+        if run_manager is not None:
+
+            def on_text(text: str, _lp: float | None) -> None:
+                run_manager.on_llm_new_token(text)
+
+        gen = self._run(messages, stop, on_text, **kwargs)
+        message = AIMessage(
+            content=gen.text,
+            response_metadata=self._metadata(gen),
+            usage_metadata=self._usage(gen),
+        )
+        return ChatResult(generations=[ChatGeneration(message=message)])
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        chunks: queue.Queue[tuple[str, Any]] = queue.Queue()
+
+        def worker() -> None:
+            try:
+                gen = self._run(messages, stop, lambda t, _lp: chunks.put(("text", t)), **kwargs)
+                chunks.put(("done", gen))
+            except BaseException as e:  # re-raised in the caller's thread
+                chunks.put(("error", e))
+
+        thread = threading.Thread(target=worker, daemon=True, name="understudy-student")
+        thread.start()
+        yield from self._drain(chunks.get, run_manager)
+        thread.join()
+
+    def _drain(
+        self,
+        get: Callable[[], tuple[str, Any]],
+        run_manager: CallbackManagerForLLMRun | None,
+    ) -> Iterator[ChatGenerationChunk]:
+        while True:
+            kind, value = get()
+            if kind == "text":
+                chunk = ChatGenerationChunk(message=AIMessageChunk(content=value))
+                if run_manager is not None:
+                    run_manager.on_llm_new_token(value, chunk=chunk)
+                yield chunk
+            elif kind == "error":
+                raise value
+            else:
+                yield ChatGenerationChunk(
+                    message=AIMessageChunk(
+                        content="",
+                        response_metadata=self._metadata(value),
+                        usage_metadata=self._usage(value),
+                        chunk_position="last",
+                    )
+                )
+                return
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        gen = await asyncio.to_thread(self._run, messages, stop, None, **kwargs)
+        message = AIMessage(
+            content=gen.text,
+            response_metadata=self._metadata(gen),
+            usage_metadata=self._usage(gen),
+        )
+        return ChatResult(generations=[ChatGeneration(message=message)])
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        loop = asyncio.get_running_loop()
+        chunks: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+        def put(item: tuple[str, Any]) -> None:
+            loop.call_soon_threadsafe(chunks.put_nowait, item)
+
+        def worker() -> None:
+            try:
+                gen = self._run(messages, stop, lambda t, _lp: put(("text", t)), **kwargs)
+                put(("done", gen))
+            except BaseException as e:
+                put(("error", e))
+
+        task = loop.run_in_executor(None, worker)
+        while True:
+            kind, value = await chunks.get()
+            if kind == "text":
+                chunk = ChatGenerationChunk(message=AIMessageChunk(content=value))
+                if run_manager is not None:
+                    await run_manager.on_llm_new_token(value, chunk=chunk)
+                yield chunk
+            elif kind == "error":
+                await task
+                raise value
+            else:
+                await task
+                yield ChatGenerationChunk(
+                    message=AIMessageChunk(
+                        content="",
+                        response_metadata=self._metadata(value),
+                        usage_metadata=self._usage(value),
+                        chunk_position="last",
+                    )
+                )
+                return
+
+    # -- structured output --------------------------------------------------------------------
+    def with_structured_output(  # type: ignore[override]
+        self,
+        schema: dict[str, Any] | type,
+        *,
+        include_raw: bool = False,
+        method: Literal["json_schema"] = "json_schema",
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, dict[str, Any] | BaseModel]:
+        """Return a runnable whose output follows ``schema``, enforced by a llama.cpp grammar.
+
+        Args:
+            schema: A pydantic model class, a TypedDict, or a JSON schema dict.
+            include_raw: Return ``{"raw", "parsed", "parsing_error"}`` instead of the parsed value.
+            method: Only ``"json_schema"`` (grammar-constrained decoding) is supported.
+        """
+        if method != "json_schema":
+            msg = f"method must be 'json_schema', got {method!r}"
+            raise ConfigError(msg)
+        is_pydantic = isinstance(schema, type) and issubclass(schema, BaseModel)
+        json_schema = convert_to_json_schema(schema)
+        json_schema.pop("title", None) if not is_pydantic else None
+        llm = self.bind(json_schema=json_schema, ls_structured_output_format={
+            "kwargs": {"method": method}, "schema": json_schema,
+        })
+        parser: Runnable[Any, Any] = (
+            PydanticOutputParser(pydantic_object=schema)  # type: ignore[arg-type]
+            if is_pydantic
+            else JsonOutputParser()
+        )
+        if not include_raw:
+            return llm | parser
+        parse = RunnablePassthrough.assign(parsed=lambda x: parser.invoke(x["raw"]), parsing_error=lambda _: None)
+        fallback = RunnablePassthrough.assign(parsed=lambda _: None)
+        return RunnableMap(raw=llm) | parse.with_fallbacks([fallback], exception_key="parsing_error")
+

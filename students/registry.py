@@ -1,0 +1,273 @@
+"""Versioned student artifacts with provenance, integrity checks, promotion and rollback."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+from langchain_understudy.errors import ArtifactError
+
+__all__ = ["StudentRegistry", "StudentVersion", "sha256_file"]
+
+_FORMAT = 1
+_MODEL_FILE = "student.gguf"
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """Return the hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON so a reader sees the old file or the new one, never a partial one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=True, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class StudentVersion:
+    """One registered student.
+
+    Attributes:
+        version: The version id, ``"v1"``, ``"v2"``, ...
+        path: The GGUF file in the registry.
+        files: Every artifact of the version (relative name → sha256), the GGUF included.
+        provenance: Where it came from: teacher model id, trace snapshot hash, base checkpoint,
+            training config, ...
+        metrics: Evaluation results on held-out traces.
+        created_at: ISO-8601 registration time.
+    """
+
+    version: str
+    path: Path
+    files: dict[str, str]
+    provenance: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    created_at: str = ""
+
+    @property
+    def folder(self) -> Path:
+        """The version's folder in the registry."""
+        return self.path.parent
+
+    def artifact(self, name: str) -> Path:
+        """Return the path of an extra artifact registered with this version."""
+        if name not in self.files:
+            msg = f"{self.version} has no artifact {name!r}; it has {sorted(self.files)}"
+            raise ArtifactError(msg)
+        return self.folder / name
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready dict."""
+        d = asdict(self)
+        d["path"] = str(self.path)
+        return d
+
+
+class StudentRegistry:
+    """A folder of student versions: register, list, promote, roll back.
+
+    Metadata is one JSON file written atomically under a file lock; artifacts are copied into
+    ``versions/<version>/`` and their sha256 is checked every time a version is loaded, so a tampered
+    or truncated file is refused rather than served.
+
+    Example:
+        >>> reg = StudentRegistry(".understudy/students")  # doctest: +SKIP
+        >>> v = reg.register("student.Q8_0.gguf", {"teacher": "gpt-4o"}, {"exact_match": 0.95})
+        >>> reg.promote(v)
+        >>> reg.current().path
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self._index = self.root / "registry.json"
+        self._lock = FileLock(str(self.root / ".registry.lock"), timeout=60)
+
+    # -- metadata -------------------------------------------------------------------------------
+    def _read(self) -> dict[str, Any]:
+        if not self._index.exists():
+            return {"format": _FORMAT, "versions": {}, "current": None, "history": []}
+        try:
+            data = json.loads(self._index.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            msg = f"registry index {self._index} is unreadable ({e}); restore it from a backup"
+            raise ArtifactError(msg) from e
+        if not isinstance(data, dict) or data.get("format") != _FORMAT:
+            msg = f"{self._index} is not a langchain-understudy registry (format {_FORMAT})"
+            raise ArtifactError(msg)
+        return data
+
+    def _entry(self, data: dict[str, Any], version: str) -> StudentVersion:
+        try:
+            e = data["versions"][version]
+        except KeyError as err:
+            known = ", ".join(data["versions"]) or "none"
+            msg = f"no student version {version!r}; registered: {known}"
+            raise ArtifactError(msg) from err
+        folder = self.root / "versions" / version
+        return StudentVersion(
+            version=version,
+            path=folder / _MODEL_FILE,
+            files=dict(e["files"]),
+            provenance=dict(e.get("provenance", {})),
+            metrics=dict(e.get("metrics", {})),
+            created_at=e.get("created_at", ""),
+        )
+
+    def verify(self, version: str | StudentVersion) -> StudentVersion:
+        """Check every artifact of a version against its recorded sha256.
+
+        Raises:
+            ArtifactError: a file is missing, truncated or altered.
+        """
+        v = version if isinstance(version, StudentVersion) else self._entry(self._read(), version)
+        for name, digest in v.files.items():
+            path = v.folder / name
+            if not path.exists():
+                msg = f"{v.version}: artifact {path} is missing; re-register or roll back"
+                raise ArtifactError(msg)
+            if sha256_file(path) != digest:
+                msg = (
+                    f"{v.version}: artifact {path} does not match its recorded sha256 (tampered "
+                    "or truncated); refusing to load it. Re-register the student or roll back."
+                )
+                raise ArtifactError(msg)
+        return v
+
+    # -- public API -----------------------------------------------------------------------------
+    def register(
+        self,
+        gguf_path: str | os.PathLike[str],
+        provenance: Mapping[str, Any] | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        *,
+        extra_files: Mapping[str, str | os.PathLike[str]] | None = None,
+    ) -> str:
+        """Copy a GGUF (and optional extra artifacts) into the registry as a new version.
+
+        Args:
+            gguf_path: The student model.
+            provenance: Free-form JSON-serialisable provenance.
+            metrics: Free-form JSON-serialisable evaluation results.
+            extra_files: Other artifacts that belong to this student (name → source path), for
+                example the router's out-of-distribution index.
+
+        Returns:
+            The new version id.
+        """
+        src = Path(gguf_path)
+        if not src.is_file():
+            msg = f"cannot register {src}: no such file"
+            raise ArtifactError(msg)
+        with open(src, "rb") as f:
+            if f.read(4) != b"GGUF":
+                msg = f"cannot register {src}: not a GGUF file"
+                raise ArtifactError(msg)
+        json.dumps(dict(provenance or {}), default=str)  # fail early on unserialisable input
+        with self._lock:
+            data = self._read()
+            n = 1 + max((int(v[1:]) for v in data["versions"]), default=0)
+            version = f"v{n}"
+            folder = self.root / "versions" / version
+            staging = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=self.root))
+            try:
+                files: dict[str, str] = {}
+                sources = {_MODEL_FILE: src, **{k: Path(p) for k, p in (extra_files or {}).items()}}
+                for name, path in sources.items():
+                    if "/" in name or name.startswith("."):
+                        msg = f"artifact name must be a plain file name, got {name!r}"
+                        raise ArtifactError(msg)
+                    shutil.copyfile(path, staging / name)
+                    files[name] = sha256_file(staging / name)
+                folder.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(staging, folder)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+            data["versions"][version] = {
+                "files": files,
+                "provenance": dict(provenance or {}),
+                "metrics": dict(metrics or {}),
+                "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            }
+            write_json_atomic(self._index, data)
+        return version
+
+    def list(self) -> list[StudentVersion]:
+        """Return every registered version, oldest first."""
+        data = self._read()
+        return [
+            self._entry(data, v) for v in sorted(data["versions"], key=lambda s: int(s[1:]))
+        ]
+
+    def get(self, version: str, *, verify: bool = True) -> StudentVersion:
+        """Return a version, its artifacts checked against their sha256 unless ``verify=False``."""
+        v = self._entry(self._read(), version)
+        return self.verify(v) if verify else v
+
+    def current(self, *, verify: bool = True) -> StudentVersion | None:
+        """Return the promoted version, or ``None`` when nothing has been promoted."""
+        data = self._read()
+        if not data["current"]:
+            return None
+        v = self._entry(data, data["current"])
+        return self.verify(v) if verify else v
+
+    def current_version(self) -> str | None:
+        """Return the promoted version id without checking artifacts (cheap)."""
+        cur = self._read()["current"]
+        return str(cur) if cur else None
+
+    def promote(self, version: str) -> StudentVersion:
+        """Serve ``version`` from now on; the previously served one can be restored by rollback.
+
+        Raises:
+            ArtifactError: the version is unknown or its artifacts fail the integrity check.
+        """
+        with self._lock:
+            data = self._read()
+            v = self.verify(self._entry(data, version))
+            if data["current"] != version:
+                if data["current"]:
+                    data["history"].append(data["current"])
+                data["current"] = version
+                write_json_atomic(self._index, data)
+        return v
+
+    def rollback(self) -> StudentVersion:
+        """Serve the previously promoted version again.
+
+        Raises:
+            ArtifactError: there is no earlier promoted version.
+        """
+        with self._lock:
+            data = self._read()
+            if not data["history"]:
+                msg = "nothing to roll back to: no version was promoted before the current one"
+                raise ArtifactError(msg)
+            previous = data["history"].pop()
+            v = self.verify(self._entry(data, previous))
+            data["current"] = previous
+            write_json_atomic(self._index, data)
+        return v

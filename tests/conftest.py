@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny students built on the fly (seconds), never downloaded."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+_WORDS = (
+    "plan price limit policy refund invoice seat team pro basic enterprise storage upload api key "
+    "the a of to and is for with on per month year user admin support ticket region eu us data "
+    "Zürich café naïve résumé 東京 données straße ĳ 😀 über"
+).split()
+
+
+def corpus(n: int = 3000, seed: int = 0) -> list[str]:
+    """Varied lines: words, unicode, digits, punctuation and whitespace runs."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n):
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(3, 14))]
+        if rng.random() < 0.5:
+            words.insert(rng.randrange(len(words)), str(rng.randint(0, 100_000)))
+        if rng.random() < 0.3:
+            words.insert(rng.randrange(len(words)), f"{rng.randint(1, 99)}.{rng.randint(0, 99):02d}")
+        sep = rng.choice([" ", " ", " ", "  ", "\t", "\n"])
+        line = sep.join(words) + rng.choice([".", "?", "!", "", ":", " - ok"])
+        lines.append(line)
+    return lines
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight llama checkpoint with a byte-level BPE tokenizer trained on ~3k lines."""
+    from langchain_understudy.distill_jobs.scratch import (
+        ScratchSize,
+        build_tokenizer,
+        init_student,
+        save_student,
+    )
+
+    out = tmp_path_factory.mktemp("tiny_ckpt")
+    tok = build_tokenizer(corpus(), out, vocab_size=600)
+    model = init_student(
+        tok, ScratchSize(hidden=64, layers=2, heads=4, kv_heads=2, ffn=128, context=512), seed=0
+    )
+    save_student(model, tok, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_f32(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from langchain_understudy.students import export_gguf
+
+    return export_gguf(tiny_checkpoint, tmp_path_factory.mktemp("gguf") / "tiny.f32.gguf", dtype="f32")
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tiny_gguf_f32: Path) -> Path:
+    """The tiny student quantized to Q8_0, as students are served."""
+    from langchain_understudy.students import quantize_gguf
+
+    return quantize_gguf(tiny_gguf_f32, tiny_gguf_f32.with_name("tiny.Q8_0.gguf"), "Q8_0")
