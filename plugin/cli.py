@@ -16,6 +16,10 @@ __all__ = ["main"]
 # Each module defines ``register(subparsers)``; its subcommands set ``func(args) -> int``.
 _COMMAND_MODULES = (
     "langchain_understudy.plugin._cli_students",
+    "langchain_understudy.plugin._cli_kb",
+    "langchain_understudy.plugin._cli_traces",
+    "langchain_understudy.plugin._cli_distill",
+    "langchain_understudy.plugin._cli_router",
 )
 
 

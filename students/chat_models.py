@@ -25,7 +25,9 @@ from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, Syst
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
+from langchain_core.exceptions import OutputParserException
+from langchain_core.runnables import Runnable, RunnableLambda, RunnableMap, RunnablePassthrough
+from langchain_core.utils.pydantic import is_basemodel_subclass
 from langchain_core.utils.function_calling import convert_to_json_schema
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
@@ -112,6 +114,17 @@ class _Pool:
         item = self.acquire()
         self.release(item)
         return item
+
+
+def _require_complete(message: AIMessage) -> AIMessage:
+    """Refuse JSON cut off by ``max_tokens``: grammar-valid only once it is complete."""
+    if message.response_metadata.get("finish_reason") == "length":
+        msg = (
+            "the student reached max_tokens before closing the JSON object; raise max_tokens "
+            "or add maxLength to the schema's strings"
+        )
+        raise OutputParserException(msg, llm_output=str(message.content))
+    return message
 
 
 class ChatStudent(BaseChatModel):
@@ -234,7 +247,7 @@ class ChatStudent(BaseChatModel):
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = super()._get_ls_params(stop=stop, **kwargs)
         params["ls_provider"] = "understudy"
-        params["ls_model_name"] = self._model_name
+        params["ls_model_name"] = str(kwargs.get("model") or self._model_name)
         params["ls_temperature"] = kwargs.get("temperature", self.temperature)
         params["ls_max_tokens"] = kwargs.get("max_tokens", self.max_tokens)
         if stop or self.stop:
@@ -359,7 +372,10 @@ class ChatStudent(BaseChatModel):
         want_conf: bool,
         on_text: Callable[[str, float | None], None] | None,
     ) -> None:
+        import llama_cpp
+
         eos = llm.token_eos()
+        n_vocab = llm.n_vocab()
         hold = max((len(s) for s in stops), default=1) - 1
         raw = bytearray()
         emitted = 0  # characters of decoded text already handed out
@@ -373,8 +389,10 @@ class ChatStudent(BaseChatModel):
             tokens, reset=True, repeat_penalty=1.0, grammar=grammar, **sampler_args
         ):
             if want_conf:
-                gen.logprobs.append(_log_softmax_at(llm._scores[-1, :], token))
-            if token == eos or llm._model.token_is_eog(token):
+                # logits of the position that produced `token` (the last one evaluated)
+                logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,))
+                gen.logprobs.append(_log_softmax_at(logits, token))
+            if token == eos or llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):
                 gen.finish_reason = "stop"
                 break
             gen.completion_tokens += 1
@@ -550,7 +568,7 @@ class ChatStudent(BaseChatModel):
         schema: dict[str, Any] | type,
         *,
         include_raw: bool = False,
-        method: Literal["json_schema"] = "json_schema",
+        method: Literal["json_schema", "json_mode", "function_calling"] = "json_schema",
         **kwargs: Any,
     ) -> Runnable[LanguageModelInput, dict[str, Any] | BaseModel]:
         """Return a runnable whose output follows ``schema``, enforced by a llama.cpp grammar.
@@ -558,18 +576,22 @@ class ChatStudent(BaseChatModel):
         Args:
             schema: A pydantic model class, a TypedDict, or a JSON schema dict.
             include_raw: Return ``{"raw", "parsed", "parsing_error"}`` instead of the parsed value.
-            method: Only ``"json_schema"`` (grammar-constrained decoding) is supported.
+            method: Accepted for compatibility; every method is served the same way, by
+                grammar-constrained decoding against the schema (``json_mode`` with a schema of
+                "any JSON object"), since a student has no native tool calling.
         """
-        if method != "json_schema":
-            msg = f"method must be 'json_schema', got {method!r}"
+        if method not in ("json_schema", "json_mode", "function_calling"):
+            msg = f"method must be 'json_schema', 'json_mode' or 'function_calling', got {method!r}"
             raise ConfigError(msg)
-        is_pydantic = isinstance(schema, type) and issubclass(schema, BaseModel)
-        json_schema = convert_to_json_schema(schema)
-        json_schema.pop("title", None) if not is_pydantic else None
+        is_pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
+        if isinstance(schema, dict) and "title" not in schema and "properties" in schema:
+            json_schema = dict(schema)  # a plain JSON schema is used as is
+        else:
+            json_schema = convert_to_json_schema(schema)
         llm = self.bind(json_schema=json_schema, ls_structured_output_format={
             "kwargs": {"method": method}, "schema": json_schema,
         })
-        parser: Runnable[Any, Any] = (
+        parser: Runnable[Any, Any] = RunnableLambda(_require_complete) | (
             PydanticOutputParser(pydantic_object=schema)  # type: ignore[arg-type]
             if is_pydantic
             else JsonOutputParser()

@@ -1,0 +1,118 @@
+"""Traces → training examples: dedupe, filter, deterministic split, retrieved facts, one prompt format."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
+
+from langchain_understudy.prompting import Fact, message_text, render_answer, render_prompt
+
+__all__ = [
+    "Example",
+    "FactLookup",
+    "build_examples",
+    "conversation_key",
+    "last_user_text",
+    "split_examples",
+]
+
+#: ``lookup(conversation, exclude_key) -> facts``: retrieved facts for one conversation.
+FactLookup = Callable[[Sequence[BaseMessage], str], list[Fact]]
+
+
+@dataclass
+class Example:
+    """One training or evaluation example.
+
+    Attributes:
+        key: Hash of the conversation (prompt messages), stable across runs.
+        messages: The conversation the teacher answered.
+        answer: The teacher's answer text.
+        facts: Facts retrieved for it (empty without a knowledge store).
+        prompt: The rendered prompt, exactly as the student sees it when serving.
+        target: The rendered answer the student is trained to produce.
+        metadata: The trace's metadata.
+    """
+
+    key: str
+    messages: list[BaseMessage]
+    answer: str
+    facts: list[Fact] = field(default_factory=list)
+    prompt: str = ""
+    target: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def conversation_key(messages: Sequence[BaseMessage]) -> str:
+    """Return a stable hash of a conversation's roles and texts."""
+    payload = json.dumps([[m.type, message_text(m)] for m in messages], ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:24]
+
+
+def last_user_text(messages: Sequence[BaseMessage]) -> str:
+    """Return the text of the last user turn (what retrieval and OOD signals look at)."""
+    for m in reversed(messages):
+        if isinstance(m, HumanMessage):
+            return message_text(m)
+    return message_text(messages[-1]) if messages else ""
+
+
+def build_examples(
+    pairs: Iterable[tuple[Sequence[BaseMessage], AIMessage | str, dict[str, Any]]],
+    *,
+    facts: FactLookup | None = None,
+    system: str | None = None,
+    min_answer_chars: int = 1,
+    max_answer_chars: int = 4000,
+) -> tuple[list[Example], dict[str, int]]:
+    """Turn (conversation, teacher answer, metadata) triples into deduplicated examples.
+
+    Conversations that appear more than once keep their latest answer. Empty, overlong or failed
+    answers are dropped. Prompts are built by :func:`~langchain_understudy.prompting.render_prompt`,
+    the same function the student serves with.
+
+    Returns:
+        The examples and a count of what was dropped and why.
+    """
+    by_key: dict[str, Example] = {}
+    dropped = {"empty_answer": 0, "long_answer": 0, "error": 0, "duplicate": 0}
+    for messages, answer, meta in pairs:
+        if meta.get("error"):
+            dropped["error"] += 1
+            continue
+        text = message_text(answer) if isinstance(answer, BaseMessage) else str(answer).strip()
+        if len(text) < min_answer_chars:
+            dropped["empty_answer"] += 1
+            continue
+        if len(text) > max_answer_chars:
+            dropped["long_answer"] += 1
+            continue
+        key = conversation_key(messages)
+        if key in by_key:
+            dropped["duplicate"] += 1
+        by_key[key] = Example(key=key, messages=list(messages), answer=text, metadata=dict(meta))
+    examples = list(by_key.values())
+    for ex in examples:
+        if facts is not None:
+            ex.facts = facts(ex.messages, ex.key)
+        ex.prompt = render_prompt(ex.messages, ex.facts, system=system)
+        ex.target = render_answer(ex.answer)
+    return examples, dropped
+
+
+def split_examples(
+    examples: Sequence[Example], heldout_fraction: float, *, salt: str = "understudy"
+) -> tuple[list[Example], list[Example]]:
+    """Split deterministically by a hash of each conversation: the same conversation always lands
+    on the same side, run after run, so held-out examples are never trained on."""
+    train, held = [], []
+    cut = int(heldout_fraction * 10_000)
+    for ex in examples:
+        bucket = int(hashlib.sha256(f"{salt}:{ex.key}".encode()).hexdigest(), 16) % 10_000
+        (held if bucket < cut else train).append(ex)
+    return train, held

@@ -1,0 +1,260 @@
+"""Sequence-level knowledge distillation: cross-entropy on the teacher's answer tokens only.
+
+Training runs through Hugging Face ``Trainer``, so the same code runs on one CPU here and on many GPUs
+under ``accelerate launch`` or ``torchrun`` (DDP/FSDP) without changes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from langchain_understudy.distill_jobs.dataset import Example
+from langchain_understudy.distill_jobs.scratch import (
+    ScratchSize,
+    build_tokenizer,
+    init_student,
+)
+from langchain_understudy.errors import ConfigError
+
+__all__ = [
+    "IGNORE_INDEX",
+    "TrainResult",
+    "TrainSettings",
+    "encode_example",
+    "pad_batch",
+    "plot_loss",
+    "train_student",
+]
+
+#: Label value for prompt and padding positions: excluded from the loss.
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TrainSettings:
+    """Optimisation settings (mirrors the ``[training]`` table of a job config)."""
+
+    epochs: float = 3.0
+    max_steps: int = -1
+    max_minutes: float | None = None
+    learning_rate: float = 1e-3
+    batch_size: int = 32
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.01
+    save_every: int = 200
+    seed: int = 0
+    vocab_size: int = 4096
+    size: ScratchSize = field(default_factory=ScratchSize)
+    base_checkpoint: str | None = None
+    threads: int | None = None
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced."""
+
+    checkpoint_dir: Path
+    steps: int
+    seconds: float
+    final_loss: float | None
+    losses: list[tuple[int, float]]
+    n_train: int
+    n_skipped_long: int
+    n_params: int
+
+
+def encode_example(tokenizer: Any, example: Example, max_len: int) -> dict[str, list[int]] | None:
+    """Tokenize prompt and target separately, exactly as serving sees them; mask the prompt.
+
+    Returns ``None`` when the example does not fit in ``max_len`` tokens.
+    """
+    prompt = tokenizer(example.prompt, add_special_tokens=False)["input_ids"]
+    target = tokenizer(example.target, add_special_tokens=False)["input_ids"]
+    bos = [tokenizer.bos_token_id] if getattr(tokenizer, "add_bos_token", False) else []
+    ids = [*bos, *prompt, *target]
+    if len(ids) > max_len:
+        return None
+    labels = [IGNORE_INDEX] * (len(bos) + len(prompt)) + list(target)
+    return {"input_ids": ids, "labels": labels}
+
+
+def pad_batch(features: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, Any]:
+    """Right-pad a batch; padding is masked out of attention and loss."""
+    import torch
+
+    width = max(len(f["input_ids"]) for f in features)
+    ids = torch.full((len(features), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(features), width), dtype=torch.long)
+    for i, f in enumerate(features):
+        n = len(f["input_ids"])
+        ids[i, :n] = torch.tensor(f["input_ids"])
+        labels[i, :n] = torch.tensor(f["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def _load_or_create(
+    examples: Sequence[Example], out: Path, settings: TrainSettings
+) -> tuple[Any, Any, int]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if settings.base_checkpoint:
+        base = Path(settings.base_checkpoint)
+        if not (base / "config.json").exists():
+            msg = f"base_checkpoint {base} is not a Hugging Face checkpoint folder (no config.json)"
+            raise ConfigError(msg)
+        tok = AutoTokenizer.from_pretrained(str(base))
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        model = AutoModelForCausalLM.from_pretrained(str(base))
+        max_len = int(getattr(model.config, "max_position_embeddings", 2048))
+        return model, tok, max_len
+    tok_dir = out / "tokenizer"
+    texts = (t for ex in examples for t in (ex.prompt, ex.target))
+    tok = build_tokenizer(texts, tok_dir, vocab_size=settings.vocab_size)
+    model = init_student(tok, settings.size, seed=settings.seed)
+    return model, tok, settings.size.context
+
+
+def train_student(
+    examples: Sequence[Example],
+    out_dir: str | os.PathLike[str],
+    settings: TrainSettings,
+    *,
+    resume: bool = False,
+) -> TrainResult:
+    """Train a student on ``examples`` and save a Hugging Face checkpoint in ``out_dir/final``.
+
+    The learning rate follows a cosine schedule over whichever ends first, the step budget or the
+    time budget (``max_minutes``), so a run cut short by time still ends annealed.
+
+    Args:
+        examples: Training examples (held-out ones must not be passed).
+        out_dir: Run folder; checkpoints go to ``out_dir/checkpoints``.
+        settings: Optimisation and model settings.
+        resume: Continue from the newest checkpoint in ``out_dir/checkpoints``.
+    """
+    import torch
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    if resume and (out / "tokenizer").exists() and not settings.base_checkpoint:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(out / "tokenizer"))
+        model = init_student(tok, settings.size, seed=settings.seed)
+        max_len = settings.size.context
+    else:
+        model, tok, max_len = _load_or_create(examples, out, settings)
+    encoded = [encode_example(tok, ex, max_len) for ex in examples]
+    data = [e for e in encoded if e is not None]
+    if not data:
+        msg = "no training example fits the student's context; raise size.context or shorten prompts"
+        raise ConfigError(msg)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+    budget_s = settings.max_minutes * 60 if settings.max_minutes else None
+    start = time.monotonic()
+    steps_per_epoch = math.ceil(len(data) / settings.batch_size)
+    total = settings.max_steps if settings.max_steps > 0 else math.ceil(steps_per_epoch * settings.epochs)
+    warmup = max(1, int(settings.warmup_ratio * total))
+
+    def progress(step: int) -> float:
+        p = step / total
+        if budget_s:
+            p = max(p, (time.monotonic() - start) / budget_s)
+        return min(1.0, p)
+
+    class _Budget(TrainerCallback):  # type: ignore[misc]
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> Any:
+            if budget_s and time.monotonic() - start >= budget_s:
+                control.should_training_stop = True
+                control.should_save = True
+            return control
+
+    class _Trainer(Trainer):  # type: ignore[misc]
+        def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+            opt = optimizer or self.optimizer
+
+            def factor(step: int) -> float:
+                if step < warmup:
+                    return (step + 1) / warmup
+                return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress(step)))
+
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+            return self.lr_scheduler
+
+    args = TrainingArguments(
+        output_dir=str(out / "checkpoints"),
+        per_device_train_batch_size=settings.batch_size,
+        num_train_epochs=settings.epochs,
+        max_steps=total,
+        learning_rate=settings.learning_rate,
+        weight_decay=settings.weight_decay,
+        logging_steps=max(1, min(50, total // 50)),
+        save_steps=settings.save_every,
+        save_total_limit=2,
+        report_to=[],
+        seed=settings.seed,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=False,
+    )
+    trainer = _Trainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        data_collator=lambda feats: pad_batch(feats, pad_id),
+        callbacks=[_Budget()],
+    )
+    ckpts = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    trainer.train(resume_from_checkpoint=str(ckpts[-1]) if resume and ckpts else None)
+    final = out / "final"
+    trainer.save_model(str(final))
+    tok.save_pretrained(str(final))
+    losses = [(int(r["step"]), float(r["loss"])) for r in trainer.state.log_history if "loss" in r]
+    (out / "losses.json").write_text(json.dumps(losses))
+    return TrainResult(
+        checkpoint_dir=final,
+        steps=int(trainer.state.global_step),
+        seconds=time.monotonic() - start,
+        final_loss=losses[-1][1] if losses else None,
+        losses=losses,
+        n_train=len(data),
+        n_skipped_long=len(encoded) - len(data),
+        n_params=sum(p.numel() for p in model.parameters()),
+    )
+
+
+def plot_loss(losses: Sequence[tuple[int, float]], path: str | os.PathLike[str], title: str = "") -> Path:
+    """Write the training-loss curve as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    if losses:
+        ax.plot([s for s, _ in losses], [v for _, v in losses], lw=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy on teacher tokens")
+    ax.set_yscale("log")
+    ax.set_title(title or "distillation loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
