@@ -21,8 +21,9 @@ __all__ = [
     "split_examples",
 ]
 
-#: ``lookup(conversation, exclude_key) -> facts``: retrieved facts for one conversation.
-FactLookup = Callable[[Sequence[BaseMessage], str], list[Fact]]
+#: ``lookup(conversations, keys) -> facts per conversation``, batched so embeddings are batched;
+#: a fact whose ``source_key`` metadata equals the conversation's key must not be returned.
+FactLookup = Callable[[Sequence[Sequence[BaseMessage]], Sequence[str]], list[list[Fact]]]
 
 
 @dataclass
@@ -97,9 +98,11 @@ def build_examples(
             dropped["duplicate"] += 1
         by_key[key] = Example(key=key, messages=list(messages), answer=text, metadata=dict(meta))
     examples = list(by_key.values())
+    if facts is not None and examples:
+        found = facts([ex.messages for ex in examples], [ex.key for ex in examples])
+        for ex, fs in zip(examples, found, strict=True):
+            ex.facts = fs
     for ex in examples:
-        if facts is not None:
-            ex.facts = facts(ex.messages, ex.key)
         ex.prompt = render_prompt(ex.messages, ex.facts, system=system)
         ex.target = render_answer(ex.answer)
     return examples, dropped
@@ -108,8 +111,11 @@ def build_examples(
 def split_examples(
     examples: Sequence[Example], heldout_fraction: float, *, salt: str = "understudy"
 ) -> tuple[list[Example], list[Example]]:
-    """Split deterministically by a hash of each conversation: the same conversation always lands
-    on the same side, run after run, so held-out examples are never trained on."""
+    """Split deterministically by a hash of each conversation.
+
+    The same conversation always lands on the same side, run after run, so held-out examples are
+    never trained on.
+    """
     train, held = [], []
     cut = int(heldout_fraction * 10_000)
     for ex in examples:

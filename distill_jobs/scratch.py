@@ -70,9 +70,7 @@ def build_tokenizer(
     return fast
 
 
-def init_student(
-    tokenizer: Any, size: ScratchSize = ScratchSize(), *, seed: int = 0
-) -> Any:
+def init_student(tokenizer: Any, size: ScratchSize = ScratchSize(), *, seed: int = 0) -> Any:
     """Return a randomly initialised ``LlamaForCausalLM`` sized for ``tokenizer``."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -11,7 +11,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from langchain_understudy.distill_jobs.scratch import (
     build_tokenizer,
     init_student,
 )
+
 from langchain_understudy.errors import ConfigError
 
 __all__ = [
@@ -68,6 +69,20 @@ class TrainResult:
     n_train: int
     n_skipped_long: int
     n_params: int
+
+    def save(self, out_dir: Path) -> None:
+        """Record the result next to the checkpoint so a resumed job can skip training."""
+        d = asdict(self)
+        d["checkpoint_dir"] = str(self.checkpoint_dir)
+        (out_dir / "result.json").write_text(json.dumps(d))
+
+    @classmethod
+    def load(cls, out_dir: Path) -> TrainResult:
+        """Read a result written by :meth:`save`."""
+        d = json.loads((out_dir / "result.json").read_text())
+        d["checkpoint_dir"] = Path(d["checkpoint_dir"])
+        d["losses"] = [tuple(x) for x in d["losses"]]
+        return cls(**d)
 
 
 def encode_example(tokenizer: Any, example: Example, max_len: int) -> dict[str, list[int]] | None:
@@ -160,14 +175,20 @@ def train_student(
     encoded = [encode_example(tok, ex, max_len) for ex in examples]
     data = [e for e in encoded if e is not None]
     if not data:
-        msg = "no training example fits the student's context; raise size.context or shorten prompts"
+        msg = (
+            "no training example fits the student's context; raise size.context or shorten prompts"
+        )
         raise ConfigError(msg)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
 
     budget_s = settings.max_minutes * 60 if settings.max_minutes else None
     start = time.monotonic()
     steps_per_epoch = math.ceil(len(data) / settings.batch_size)
-    total = settings.max_steps if settings.max_steps > 0 else math.ceil(steps_per_epoch * settings.epochs)
+    total = (
+        settings.max_steps
+        if settings.max_steps > 0
+        else math.ceil(steps_per_epoch * settings.epochs)
+    )
     warmup = max(1, int(settings.warmup_ratio * total))
 
     def progress(step: int) -> float:
@@ -219,14 +240,15 @@ def train_student(
         data_collator=lambda feats: pad_batch(feats, pad_id),
         callbacks=[_Budget()],
     )
-    ckpts = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    ckpts = sorted(
+        (out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])
+    )
     trainer.train(resume_from_checkpoint=str(ckpts[-1]) if resume and ckpts else None)
     final = out / "final"
     trainer.save_model(str(final))
     tok.save_pretrained(str(final))
     losses = [(int(r["step"]), float(r["loss"])) for r in trainer.state.log_history if "loss" in r]
-    (out / "losses.json").write_text(json.dumps(losses))
-    return TrainResult(
+    result = TrainResult(
         checkpoint_dir=final,
         steps=int(trainer.state.global_step),
         seconds=time.monotonic() - start,
@@ -236,9 +258,13 @@ def train_student(
         n_skipped_long=len(encoded) - len(data),
         n_params=sum(p.numel() for p in model.parameters()),
     )
+    result.save(out)
+    return result
 
 
-def plot_loss(losses: Sequence[tuple[int, float]], path: str | os.PathLike[str], title: str = "") -> Path:
+def plot_loss(
+    losses: Sequence[tuple[int, float]], path: str | os.PathLike[str], title: str = ""
+) -> Path:
     """Write the training-loss curve as a PNG."""
     import matplotlib
 

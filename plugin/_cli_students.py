@@ -13,8 +13,9 @@ __all__ = ["register"]
 
 
 def _registry(args: argparse.Namespace) -> Any:
-    from langchain_understudy.config import load_config
     from langchain_understudy.students import StudentRegistry
+
+    from langchain_understudy.config import load_config
 
     root = args.registry or load_config(args.config).student.registry
     return StudentRegistry(root)
@@ -83,20 +84,20 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add the ``students`` command group."""
     from langchain_understudy.students.quantize import QUANT_TYPES
 
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--registry", type=Path, help="registry folder (default: from config)")
+    common.add_argument("--config", type=Path, help="understudy.toml")
     p = sub.add_parser("students", help="manage student models (registry, export, quantize)")
-    p.add_argument("--registry", type=Path, help="registry folder (default: from config)")
-    p.add_argument("--config", type=Path, help="understudy.toml")
     s = p.add_subparsers(dest="students_command", metavar="ACTION", required=True)
-    s.add_parser("list", help="list registered versions").set_defaults(func=_list)
-    show = s.add_parser("show", help="show one version's provenance and metrics")
+    s.add_parser("list", parents=[common], help="list registered versions").set_defaults(func=_list)
+    show = s.add_parser("show", parents=[common], help="show one version's provenance and metrics")
     show.add_argument("version")
     show.set_defaults(func=_show)
-    promote = s.add_parser("promote", help="serve a version from now on")
+    promote = s.add_parser("promote", parents=[common], help="serve a version from now on")
     promote.add_argument("version")
     promote.set_defaults(func=_promote)
-    s.add_parser("rollback", help="serve the previously promoted version").set_defaults(
-        func=_rollback
-    )
+    rollback = s.add_parser("rollback", parents=[common], help="serve the previously promoted version")
+    rollback.set_defaults(func=_rollback)
     export = s.add_parser("export", help="convert a Hugging Face checkpoint to GGUF")
     export.add_argument("checkpoint", type=Path)
     export.add_argument("out", type=Path)

@@ -82,7 +82,9 @@ def load_llama(
 def llama_quantize(src: Path, dst: Path, ftype: int, *, n_threads: int = 0) -> None:
     """Run ``llama_model_quantize``; raise a clear error on failure instead of crashing."""
     import llama_cpp
+    from llama_cpp import _logger
 
+    _logger.set_verbose(False)  # llama.cpp logs every tensor it quantizes otherwise
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = n_threads or (os.cpu_count() or 1)

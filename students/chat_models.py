@@ -19,16 +19,16 @@ from langchain_core.callbacks import (
     AsyncCallbackManagerForLLMRun,
     CallbackManagerForLLMRun,
 )
+from langchain_core.exceptions import OutputParserException
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.language_models.chat_models import LangSmithParams
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, SystemMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.exceptions import OutputParserException
 from langchain_core.runnables import Runnable, RunnableLambda, RunnableMap, RunnablePassthrough
-from langchain_core.utils.pydantic import is_basemodel_subclass
 from langchain_core.utils.function_calling import convert_to_json_schema
+from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from langchain_understudy.errors import ArtifactError, ConfigError, StudentError
@@ -116,6 +116,18 @@ class _Pool:
         return item
 
 
+def _cap_strings(schema: Any, limit: int) -> Any:
+    """Return a copy of a JSON schema with ``maxLength`` on every unbounded string."""
+    if isinstance(schema, list):
+        return [_cap_strings(s, limit) for s in schema]
+    if not isinstance(schema, Mapping):
+        return schema
+    out = {k: _cap_strings(v, limit) for k, v in schema.items()}
+    if out.get("type") == "string" and not ({"maxLength", "enum", "const", "pattern"} & set(out)):
+        out["maxLength"] = limit
+    return out
+
+
 def _require_complete(message: AIMessage) -> AIMessage:
     """Refuse JSON cut off by ``max_tokens``: grammar-valid only once it is complete."""
     if message.response_metadata.get("finish_reason") == "length":
@@ -180,6 +192,9 @@ class ChatStudent(BaseChatModel):
     """System line used when the conversation has none."""
     json_schema: dict[str, Any] | None = None
     """Constrain every answer to this JSON schema with a llama.cpp grammar."""
+    json_max_string_length: int | None = Field(default=None, ge=1)
+    """Cap on every JSON string the grammar allows (added as ``maxLength`` where a schema has
+    none), so a small student cannot run away inside a string before ``max_tokens``."""
     n_instances: int = Field(default=1, ge=1, le=64)
     """llama.cpp contexts for concurrent calls (each holds its own KV cache)."""
     student_version: str | None = None
@@ -210,9 +225,7 @@ class ChatStudent(BaseChatModel):
         return self
 
     @classmethod
-    def from_registry(
-        cls, registry: Any, version: str | None = None, **kwargs: Any
-    ) -> ChatStudent:
+    def from_registry(cls, registry: Any, version: str | None = None, **kwargs: Any) -> ChatStudent:
         """Build a student from a registry version (default: the promoted one).
 
         Args:
@@ -293,6 +306,8 @@ class ChatStudent(BaseChatModel):
             pool.release(llm)
 
     def _grammar(self, schema: Mapping[str, Any]) -> Any:
+        if self.json_max_string_length:
+            schema = _cap_strings(schema, self.json_max_string_length)
         key = json.dumps(schema, sort_keys=True)
         if key not in self._grammars:
             from llama_cpp import LlamaGrammar
@@ -318,9 +333,7 @@ class ChatStudent(BaseChatModel):
             tokens = llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
             if len(tokens) + max_tokens <= self.n_ctx:
                 return tokens, dropped
-            droppable = [
-                i for i, m in enumerate(msgs[:-1]) if not isinstance(m, SystemMessage)
-            ]
+            droppable = [i for i, m in enumerate(msgs[:-1]) if not isinstance(m, SystemMessage)]
             if self.overflow == "error" or not droppable:
                 msg = (
                     f"conversation needs {len(tokens)} prompt tokens + {max_tokens} for the answer, "
@@ -355,7 +368,9 @@ class ChatStudent(BaseChatModel):
                     stacklevel=3,
                 )
             gen = _Generation(prompt_tokens=len(tokens), truncated_turns=dropped)
-            self._decode(llm, tokens, gen, stops, max_tokens, temperature, grammar, want_conf, on_text)
+            self._decode(
+                llm, tokens, gen, stops, max_tokens, temperature, grammar, want_conf, on_text
+            )
             return gen
         finally:
             pool.release(llm)
@@ -579,6 +594,7 @@ class ChatStudent(BaseChatModel):
             method: Accepted for compatibility; every method is served the same way, by
                 grammar-constrained decoding against the schema (``json_mode`` with a schema of
                 "any JSON object"), since a student has no native tool calling.
+            **kwargs: Ignored (accepted for interface compatibility, e.g. ``strict``).
         """
         if method not in ("json_schema", "json_mode", "function_calling"):
             msg = f"method must be 'json_schema', 'json_mode' or 'function_calling', got {method!r}"
@@ -588,9 +604,13 @@ class ChatStudent(BaseChatModel):
             json_schema = dict(schema)  # a plain JSON schema is used as is
         else:
             json_schema = convert_to_json_schema(schema)
-        llm = self.bind(json_schema=json_schema, ls_structured_output_format={
-            "kwargs": {"method": method}, "schema": json_schema,
-        })
+        llm = self.bind(
+            json_schema=json_schema,
+            ls_structured_output_format={
+                "kwargs": {"method": method},
+                "schema": json_schema,
+            },
+        )
         parser: Runnable[Any, Any] = RunnableLambda(_require_complete) | (
             PydanticOutputParser(pydantic_object=schema)  # type: ignore[arg-type]
             if is_pydantic
@@ -598,7 +618,10 @@ class ChatStudent(BaseChatModel):
         )
         if not include_raw:
             return llm | parser
-        parse = RunnablePassthrough.assign(parsed=lambda x: parser.invoke(x["raw"]), parsing_error=lambda _: None)
+        parse = RunnablePassthrough.assign(
+            parsed=lambda x: parser.invoke(x["raw"]), parsing_error=lambda _: None
+        )
         fallback = RunnablePassthrough.assign(parsed=lambda _: None)
-        return RunnableMap(raw=llm) | parse.with_fallbacks([fallback], exception_key="parsing_error")
-
+        return RunnableMap(raw=llm) | parse.with_fallbacks(
+            [fallback], exception_key="parsing_error"
+        )

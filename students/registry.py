@@ -217,9 +217,7 @@ class StudentRegistry:
     def list(self) -> list[StudentVersion]:
         """Return every registered version, oldest first."""
         data = self._read()
-        return [
-            self._entry(data, v) for v in sorted(data["versions"], key=lambda s: int(s[1:]))
-        ]
+        return [self._entry(data, v) for v in sorted(data["versions"], key=lambda s: int(s[1:]))]
 
     def get(self, version: str, *, verify: bool = True) -> StudentVersion:
         """Return a version, its artifacts checked against their sha256 unless ``verify=False``."""

@@ -28,7 +28,9 @@ def corpus(n: int = 3000, seed: int = 0) -> list[str]:
         if rng.random() < 0.5:
             words.insert(rng.randrange(len(words)), str(rng.randint(0, 100_000)))
         if rng.random() < 0.3:
-            words.insert(rng.randrange(len(words)), f"{rng.randint(1, 99)}.{rng.randint(0, 99):02d}")
+            words.insert(
+                rng.randrange(len(words)), f"{rng.randint(1, 99)}.{rng.randint(0, 99):02d}"
+            )
         sep = rng.choice([" ", " ", " ", "  ", "\t", "\n"])
         line = sep.join(words) + rng.choice([".", "?", "!", "", ":", " - ok"])
         lines.append(line)
@@ -58,7 +60,9 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_gguf_f32(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from langchain_understudy.students import export_gguf
 
-    return export_gguf(tiny_checkpoint, tmp_path_factory.mktemp("gguf") / "tiny.f32.gguf", dtype="f32")
+    return export_gguf(
+        tiny_checkpoint, tmp_path_factory.mktemp("gguf") / "tiny.f32.gguf", dtype="f32"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -67,3 +71,63 @@ def tiny_gguf(tiny_gguf_f32: Path) -> Path:
     from langchain_understudy.students import quantize_gguf
 
     return quantize_gguf(tiny_gguf_f32, tiny_gguf_f32.with_name("tiny.Q8_0.gguf"), "Q8_0")
+
+
+COLORS = "red green blue yellow black white orange purple".split()
+ITEMS = "car house cat dog tree boat lamp chair".split()
+
+
+def color_traces(n: int = 600, seed: int = 0, start: int = 0) -> list[dict]:
+    """A task a tiny student learns in seconds: name the colour stated in the question.
+
+    Traces in the OpenAI chat fine-tuning format, as `understudy traces import` reads them.
+    """
+    rng = random.Random(seed)
+    out = []
+    for i in range(start, start + n):
+        c, it = rng.choice(COLORS), rng.choice(ITEMS)
+        out.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"What color is the {it} {i}? It is {c}."},
+                    {"role": "assistant", "content": c},
+                ],
+                "metadata": {"model": "teacher-test", "task": "colors"},
+            }
+        )
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny student actually distilled on the colour task (about 15 s on 2 cores)."""
+    from langchain_core.messages import HumanMessage
+
+    from langchain_understudy.distill_jobs.dataset import build_examples
+    from langchain_understudy.distill_jobs.scratch import ScratchSize
+    from langchain_understudy.distill_jobs.training import TrainSettings, train_student
+
+    pairs = [
+        ([HumanMessage(t["messages"][0]["content"])], t["messages"][1]["content"], {})
+        for t in color_traces()
+    ]
+    examples, _ = build_examples(pairs)
+    out = tmp_path_factory.mktemp("trained")
+    settings = TrainSettings(
+        epochs=4,
+        batch_size=16,
+        learning_rate=3e-3,
+        vocab_size=400,
+        size=ScratchSize(hidden=64, layers=2, heads=4, kv_heads=2, ffn=128, context=256),
+    )
+    return train_student(examples, out, settings).checkpoint_dir
+
+
+@pytest.fixture(scope="session")
+def trained_gguf(trained_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The distilled colour student as a Q8_0 GGUF."""
+    from langchain_understudy.students import export_gguf, quantize_gguf
+
+    d = tmp_path_factory.mktemp("trained_gguf")
+    f16 = export_gguf(trained_checkpoint, d / "colors.f16.gguf")
+    return quantize_gguf(f16, d / "colors.Q8_0.gguf", "Q8_0")

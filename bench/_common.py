@@ -1,0 +1,102 @@
+"""Shared helpers for the benchmarks: traces files, job runs, result files, machine facts."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data"
+RESULTS = ROOT / "bench" / "results"
+
+
+def require_data(name: str) -> Path:
+    path = DATA / name
+    if not path.exists():
+        raise SystemExit(f"{path} is missing: the benchmarks read ../shared/data beside the repository")
+    return path
+
+
+def write_traces(path: Path, rows: Iterable[tuple[list[dict[str, str]], str, dict[str, Any]]]) -> int:
+    """Write (messages, teacher answer, metadata) as OpenAI chat fine-tuning JSONL."""
+    n = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for messages, answer, meta in rows:
+            obj = {"messages": [*messages, {"role": "assistant", "content": answer}], "metadata": meta}
+            f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    return {
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "processor": platform.processor() or platform.machine(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def save(name: str, result: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"{name}.json"
+    out.write_text(json.dumps(result, indent=2, default=str))
+    return out
+
+
+def table(headers: list[str], rows: list[list[Any]]) -> str:
+    from langchain_understudy.plugin._table import format_table
+
+    return format_table(headers, rows)
+
+
+def cached_minilm(cache_file: Path, texts: list[str]) -> object:
+    """The bundled MiniLM embeddings with vectors for ``texts`` computed once and kept on disk.
+
+    The store records the embeddings' name, which stays the bundled model's, so the cache is only
+    a shortcut for benchmark reruns; the vectors are the model's own.
+    """
+    import numpy as np
+
+    from langchain_understudy.retrieval.embeddings import SentenceTransformerEmbeddings
+
+    class Cached(SentenceTransformerEmbeddings):
+        def __init__(self, table: dict[str, np.ndarray]) -> None:
+            super().__init__()
+            self.table = table
+
+        def embed_documents(self, docs: list[str]) -> list[list[float]]:
+            missing = [d for d in dict.fromkeys(docs) if d not in self.table]
+            if missing:
+                for d, v in zip(missing, super().embed_documents(missing), strict=True):
+                    self.table[d] = np.asarray(v, dtype=np.float32)
+            return [self.table[d].tolist() for d in docs]
+
+    unique = list(dict.fromkeys(texts))
+    if cache_file.exists():
+        z = np.load(cache_file, allow_pickle=False)
+        keys = [str(k) for k in z["texts"]]
+        table = dict(zip(keys, z["vectors"], strict=True))
+    else:
+        table = {}
+    emb = Cached(table)
+    todo = [t for t in unique if t not in table]
+    if todo:
+        from tqdm import tqdm
+
+        for i in tqdm(range(0, len(todo), 512), desc="embed (cached for reruns)"):
+            emb.embed_documents(todo[i : i + 512])
+        np.savez(cache_file, texts=np.array(list(table)), vectors=np.stack(list(table.values())))
+    return emb

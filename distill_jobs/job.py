@@ -1,0 +1,616 @@
+"""``DistillJob``: traces in, a gated, registered and (maybe) promoted GGUF student out."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import tomllib
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from filelock import FileLock, Timeout
+from langchain_understudy.distill_jobs.dataset import (
+    Example,
+    FactLookup,
+    build_examples,
+    last_user_text,
+    split_examples,
+)
+from langchain_understudy.distill_jobs.scratch import ScratchSize
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from langchain_understudy.config import QuantType
+from langchain_understudy.errors import ConfigError, UnderstudyError
+from langchain_understudy.prompting import Fact
+
+__all__ = ["DistillConfig", "DistillJob", "JobLockedError", "JobResult"]
+
+logger = logging.getLogger(__name__)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class KnowledgeSection(_Section):
+    """Facts attached to each example's prompt, exactly as at serving time."""
+
+    path: Path | None = None
+    """Knowledge store folder; ``None``: no facts."""
+    k: int = Field(default=4, ge=1, le=64)
+    """Facts per example."""
+
+
+class StudentSection(_Section):
+    """The student to train: from scratch (default) or from a local checkpoint."""
+
+    base_checkpoint: Path | None = None
+    """A local Hugging Face checkpoint of the llama family to fine-tune; ``None``: from scratch."""
+    hidden: int = Field(default=256, ge=32, le=8192)
+    """From scratch: embedding width (a multiple of 256 lets k-quants apply to every tensor)."""
+    layers: int = Field(default=4, ge=1, le=64)
+    """From scratch: transformer blocks."""
+    heads: int = Field(default=4, ge=1, le=128)
+    """From scratch: attention heads."""
+    kv_heads: int = Field(default=2, ge=1, le=128)
+    """From scratch: key/value heads."""
+    ffn: int = Field(default=768, ge=32)
+    """From scratch: feed-forward width."""
+    context: int = Field(default=512, ge=64, le=32768)
+    """From scratch: context length in tokens."""
+    vocab_size: int = Field(default=4096, ge=300, le=200_000)
+    """From scratch: BPE vocabulary size."""
+
+
+class TrainingSection(_Section):
+    """Optimisation."""
+
+    epochs: float = Field(default=3.0, gt=0)
+    """Passes over the training set."""
+    max_steps: int = Field(default=-1, ge=-1)
+    """Hard step limit (-1: from epochs)."""
+    max_minutes: float | None = Field(default=None, gt=0)
+    """Time budget; the learning-rate schedule anneals within it."""
+    learning_rate: float = Field(default=1e-3, gt=0, le=1.0)
+    """Peak learning rate."""
+    batch_size: int = Field(default=32, ge=1, le=4096)
+    """Examples per step (per device)."""
+    save_every: int = Field(default=200, ge=1)
+    """Checkpoint interval in steps (for ``--resume``)."""
+    seed: int = 0
+    """Seed for initialisation and data order."""
+    threads: int | None = Field(default=None, ge=1)
+    """torch CPU threads."""
+
+
+class PackageSection(_Section):
+    """Export and quantization."""
+
+    dtype: Literal["f16", "f32"] = "f16"
+    """Export precision before quantization."""
+    quant_types: list[QuantType] = Field(default_factory=lambda: ["Q8_0"])
+    """Types built; each is evaluated."""
+    serve: QuantType = "Q8_0"
+    """The type registered and served (must be in ``quant_types`` or be the export dtype)."""
+
+
+class GateSection(_Section):
+    """When a candidate may replace the serving student."""
+
+    min_exact_match: float = Field(default=0.0, ge=0, le=1)
+    """Absolute floor on held-out exact match."""
+    min_improvement: float = Field(default=0.0, ge=-1, le=1)
+    """Candidate exact match must be at least serving + this, on the same held-out set."""
+    max_latency_p95_ms: float | None = Field(default=None, gt=0)
+    """Ceiling on the candidate's p95 latency per answer."""
+    promote: bool = True
+    """Promote when the gate passes (``False``: register only)."""
+
+
+class DistillConfig(_Section):
+    """A distillation job, usually loaded from TOML with :meth:`from_toml`.
+
+    Example:
+        >>> cfg = DistillConfig(traces="traces.sqlite", registry="students")
+        >>> cfg.package.serve
+        'Q8_0'
+    """
+
+    name: str = "understudy"
+    """Job name, used in run folders and provenance."""
+    traces: Path = Path(".understudy/traces.sqlite")
+    """Trace store (SQLite) to read."""
+    registry: Path = Path(".understudy/students")
+    """Student registry to register into."""
+    work_dir: Path = Path(".understudy/runs")
+    """Run folders (checkpoints, datasets, reports) go here."""
+    dataset: Literal["all", "since_last_build"] = "all"
+    """Train on all traces, or only on those recorded since the last build."""
+    skip_if_no_new_traces: bool = True
+    """Do nothing (exit 0) when no trace arrived since the last build: safe to schedule often."""
+    heldout_fraction: float = Field(default=0.1, gt=0, lt=1)
+    """Share of conversations held out for evaluation (by hash: never trained on)."""
+    min_examples: int = Field(default=20, ge=2)
+    """Refuse to train on fewer examples."""
+    system: str | None = None
+    """System line used when a conversation has none (at serving time too)."""
+    json_schema: dict[str, Any] | None = None
+    """Constrain the student's answers to this JSON schema during evaluation."""
+    max_answer_chars: int = Field(default=4000, ge=1)
+    """Drop traces whose answer is longer."""
+    exclude_tags: list[str] = Field(default_factory=list)
+    """Drop traces carrying any of these tags."""
+    knowledge: KnowledgeSection = Field(default_factory=KnowledgeSection)
+    """Facts for prompts."""
+    student: StudentSection = Field(default_factory=StudentSection)
+    """Student shape or base checkpoint."""
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    """Optimisation."""
+    package: PackageSection = Field(default_factory=PackageSection)
+    """Export and quantization."""
+    gate: GateSection = Field(default_factory=GateSection)
+    """Promotion gate."""
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike[str]) -> DistillConfig:
+        """Load a job file; relative paths are relative to the file."""
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError as e:
+            msg = f"job config {p} does not exist"
+            raise ConfigError(msg) from e
+        except tomllib.TOMLDecodeError as e:
+            msg = f"job config {p} is not valid TOML: {e}"
+            raise ConfigError(msg) from e
+        base = p.resolve().parent
+        for key in ("traces", "registry", "work_dir"):
+            if key in data:
+                data[key] = str(base / Path(data[key]).expanduser())
+        for section, key in (("knowledge", "path"), ("student", "base_checkpoint")):
+            if data.get(section, {}).get(key):
+                data[section][key] = str(base / Path(data[section][key]).expanduser())
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            msg = f"invalid job config {p}: {e}"
+            raise ConfigError(msg) from e
+
+
+class JobLockedError(UnderstudyError):
+    """Another run of the same job holds the lock."""
+
+
+@dataclass
+class JobResult:
+    """The outcome of one run."""
+
+    status: Literal["promoted", "registered", "rejected", "skipped"]
+    reason: str
+    run_dir: Path | None = None
+    version: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    serving_metrics: dict[str, Any] | None = None
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        d = asdict(self)
+        d["run_dir"] = str(self.run_dir) if self.run_dir else None
+        return d
+
+
+def _iso(value: Any) -> str:
+    return value.isoformat() if isinstance(value, datetime) else str(value)
+
+
+class DistillJob:
+    """Run a distillation job: dataset → train → export → quantize → evaluate → gate → register.
+
+    Every stage writes its outputs into a run folder and records completion in ``state.json``, so
+    ``run(resume=True)`` continues an interrupted run (training from its last checkpoint). Nothing
+    touches the serving student until the gate has passed; a crash leaves it as it was. A file
+    lock makes concurrent runs of the same job exit with :class:`JobLockedError`.
+
+    Args:
+        config: The job.
+        progress: Show progress bars.
+        embeddings: LangChain ``Embeddings`` for the knowledge store and the out-of-distribution
+            index (default: the bundled all-MiniLM-L6-v2); must be the ones that built the store.
+
+    Example:
+        >>> job = DistillJob(DistillConfig.from_toml("job.toml"))  # doctest: +SKIP
+        >>> result = job.run()  # doctest: +SKIP
+        >>> result.status, result.version  # doctest: +SKIP
+        ('promoted', 'v3')
+    """
+
+    def __init__(
+        self, config: DistillConfig, *, progress: bool = True, embeddings: Any = None
+    ) -> None:
+        self.config = config
+        self.embeddings = embeddings
+        self.progress = progress
+        self.work_dir = Path(config.work_dir)
+
+    # -- state ----------------------------------------------------------------------------------
+    def _lock(self) -> FileLock:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(self.work_dir / f".{self.config.name}.lock"), timeout=0)
+
+    def _state(self, run_dir: Path) -> dict[str, Any]:
+        f = run_dir / "state.json"
+        return json.loads(f.read_text()) if f.exists() else {"done": []}
+
+    def _save_state(self, run_dir: Path, state: dict[str, Any]) -> None:
+        from langchain_understudy.students.registry import write_json_atomic
+
+        write_json_atomic(run_dir / "state.json", state)
+
+    def _resumable_run(self) -> Path | None:
+        runs = sorted(self.work_dir.glob(f"{self.config.name}-*"))
+        for run in reversed(runs):
+            state = self._state(run)
+            if "finished" not in state:
+                return run
+        return None
+
+    # -- stages ---------------------------------------------------------------------------------
+    def _traces(self) -> tuple[list[Any], str, str | None]:
+        from langchain_understudy.distill_jobs.traces import TraceStore, snapshot_hash
+
+        store = TraceStore(self.config.traces)
+        last = self._last_build_until()
+        new = [
+            t
+            for t in store.iter_traces(since=last)
+            if last is None or _iso(t.created_at) > last
+        ]
+        if last is not None and self.config.skip_if_no_new_traces and not new:
+            return [], "", last
+        selected = new if self.config.dataset == "since_last_build" else list(store.iter_traces())
+        excluded = set(self.config.exclude_tags)
+        if excluded:
+            selected = [t for t in selected if not excluded & set(t.tags or [])]
+        until = max((_iso(t.created_at) for t in selected), default=None)
+        return selected, snapshot_hash(selected)[:16], until
+
+    def _last_build_until(self) -> str | None:
+        from langchain_understudy.students.registry import StudentRegistry
+
+        reg = StudentRegistry(self.config.registry)
+        untils = [
+            v.provenance.get("traces_until")
+            for v in reg.list()
+            if v.provenance.get("job") == self.config.name
+        ]
+        untils = [u for u in untils if u]
+        return max(untils) if untils else None
+
+    def _fact_lookup(self) -> FactLookup | None:
+        if self.config.knowledge.path is None:
+            return None
+        from langchain_understudy.retrieval import KnowledgeStore
+
+        store = KnowledgeStore(self.config.knowledge.path, self.embeddings, create=False)
+        k = self.config.knowledge.k
+
+        def lookup(convs: Sequence[Sequence[Any]], keys: Sequence[str]) -> list[list[Fact]]:
+            out: list[list[Fact]] = []
+            step = 512
+            for start in range(0, len(convs), step):
+                texts = [last_user_text(c) for c in convs[start : start + step]]
+                vectors = store.embeddings.embed_documents(texts)
+                for vec, key in zip(vectors, keys[start : start + step], strict=True):
+                    docs = store.similarity_search_by_vector(vec, k=k + 1)
+                    # a fact derived from this very trace would leak the answer: skip it
+                    docs = [d for d in docs if d.metadata.get("source_key") != key][:k]
+                    out.append([_fact(d) for d in docs])
+            return out
+
+        return lookup
+
+    def _dataset(
+        self, run_dir: Path, traces: list[Any]
+    ) -> tuple[list[Example], list[Example], dict[str, int]]:
+        pairs = [
+            (t.messages, t.answer, {**(t.metadata or {}), "error": getattr(t, "error", None)})
+            for t in traces
+        ]
+        examples, dropped = build_examples(
+            pairs,
+            facts=self._fact_lookup(),
+            system=self.config.system,
+            max_answer_chars=self.config.max_answer_chars,
+        )
+        train, held = split_examples(examples, self.config.heldout_fraction)
+        if len(train) < self.config.min_examples or not held:
+            msg = (
+                f"only {len(train)} training and {len(held)} held-out examples after filtering "
+                f"(dropped: {dropped}); record more traces or lower min_examples"
+            )
+            raise ConfigError(msg)
+        _write_examples(run_dir / "train.jsonl", train)
+        _write_examples(run_dir / "heldout.jsonl", held)
+        return train, held, dropped
+
+    def _train_settings(self) -> Any:
+        from langchain_understudy.distill_jobs.training import TrainSettings
+
+        s, t = self.config.student, self.config.training
+        return TrainSettings(
+            epochs=t.epochs,
+            max_steps=t.max_steps,
+            max_minutes=t.max_minutes,
+            learning_rate=t.learning_rate,
+            batch_size=t.batch_size,
+            save_every=t.save_every,
+            seed=t.seed,
+            threads=t.threads,
+            vocab_size=s.vocab_size,
+            size=ScratchSize(s.hidden, s.layers, s.heads, s.kv_heads, s.ffn, s.context),
+            base_checkpoint=str(s.base_checkpoint) if s.base_checkpoint else None,
+        )
+
+    def run(self, *, resume: bool = False) -> JobResult:
+        """Run the job once (or continue the last interrupted run with ``resume=True``).
+
+        Raises:
+            JobLockedError: another run of this job is in progress.
+            ConfigError: too few examples, or an invalid configuration.
+        """
+        lock = self._lock()
+        try:
+            lock.acquire()
+        except Timeout as e:
+            msg = (
+                f"another run of job {self.config.name!r} is in progress (lock "
+                f"{lock.lock_file}); this run exits without doing anything"
+            )
+            raise JobLockedError(msg) from e
+        try:
+            return self._run_locked(resume)
+        finally:
+            lock.release()
+
+    def _run_locked(self, resume: bool) -> JobResult:
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        traces, snapshot, until = self._traces()
+        if not traces:
+            return JobResult("skipped", "no new traces since the last build")
+        run_dir = self._resumable_run() if resume else None
+        if run_dir is None:
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+            run_dir = self.work_dir / f"{self.config.name}-{stamp}-{snapshot[:8]}"
+            run_dir.mkdir(parents=True)
+        state = self._state(run_dir)
+        state.setdefault("snapshot", snapshot)
+        state.setdefault("traces_until", until)
+        self._save_state(run_dir, state)
+        (run_dir / "config.json").write_text(self.config.model_dump_json(indent=2))
+
+        train, held, dropped = self._dataset(run_dir, traces)
+        timings["dataset"] = time.perf_counter() - t0
+
+        from langchain_understudy.distill_jobs.training import TrainResult, plot_loss, train_student
+
+        t1 = time.perf_counter()
+        if "train" in state["done"] and (run_dir / "train" / "final").exists():
+            result = TrainResult.load(run_dir / "train")  # resumed after training had finished
+        else:
+            result = train_student(train, run_dir / "train", self._train_settings(), resume=resume)
+        plot_loss(
+            result.losses, run_dir / "loss.png", title=f"{self.config.name}: distillation loss"
+        )
+        timings["train"] = time.perf_counter() - t1
+        state["done"].append("train")
+        self._save_state(run_dir, state)
+
+        from langchain_understudy.students import (
+            ChatStudent,
+            StudentRegistry,
+            export_gguf,
+            quantize_gguf,
+        )
+
+        t2 = time.perf_counter()
+        pkg = self.config.package
+        teacher_model = _teacher_model(traces)
+        prov = {"job": self.config.name, "teacher_model": teacher_model, "trace_snapshot": snapshot}
+        base = export_gguf(
+            result.checkpoint_dir,
+            run_dir / f"student.{pkg.dtype}.gguf",
+            dtype=pkg.dtype,
+            provenance=prov,
+        )
+        files = {pkg.dtype.upper(): base}
+        for q in pkg.quant_types:
+            if q.upper() != pkg.dtype.upper():
+                files[q] = quantize_gguf(base, run_dir / f"student.{q}.gguf", q)
+        serve_key = pkg.serve if pkg.serve in files else pkg.dtype.upper()
+        timings["package"] = time.perf_counter() - t2
+
+        t3 = time.perf_counter()
+        from langchain_understudy.distill_jobs.evaluation import evaluate_student
+
+        reports = {}
+        for q, path in files.items():
+            student = ChatStudent(
+                model_path=path,
+                n_ctx=self._n_ctx(),
+                max_tokens=self._max_answer_tokens(held),
+                system_prompt=self.config.system,
+            )
+            reports[q] = evaluate_student(
+                student,
+                held,
+                json_schema=self.config.json_schema,
+                progress=self.progress,
+                desc=f"evaluate {q}",
+            )
+        candidate = reports[serve_key]
+        _write_rows(run_dir / "heldout_eval.jsonl", candidate.rows)
+        registry = StudentRegistry(self.config.registry)
+        serving = registry.current()
+        serving_report = None
+        if serving is not None:
+            try:
+                serving_student = ChatStudent(
+                    model_path=serving.path,
+                    n_ctx=self._n_ctx(),
+                    max_tokens=self._max_answer_tokens(held),
+                    system_prompt=self.config.system,
+                )
+                serving_report = evaluate_student(
+                    serving_student,
+                    held,
+                    json_schema=self.config.json_schema,
+                    progress=self.progress,
+                    desc=f"evaluate serving {serving.version}",
+                )
+            except UnderstudyError as e:  # a broken serving student must not block a fix
+                logger.warning("could not evaluate serving student %s: %s", serving.version, e)
+        timings["evaluate"] = time.perf_counter() - t3
+
+        passed, reason = self._gate(
+            candidate.summary(), serving_report.summary() if serving_report else None
+        )
+        ood = self._ood_index(run_dir, train)
+        metrics = {
+            **candidate.summary(),
+            "by_quant": {q: r.summary() for q, r in reports.items()},
+            "n_train": result.n_train,
+            "train_steps": result.steps,
+            "train_seconds": result.seconds,
+            "final_loss": result.final_loss,
+            "n_params": result.n_params,
+            "dropped": dropped,
+            "gate": {"passed": passed, "reason": reason},
+        }
+        provenance = {
+            **prov,
+            "traces_until": until,
+            "n_traces": len(traces),
+            "n_heldout": len(held),
+            "base_checkpoint": str(self.config.student.base_checkpoint)
+            if self.config.student.base_checkpoint
+            else None,
+            "quant": serve_key,
+            "run_dir": str(run_dir),
+            "config": json.loads(self.config.model_dump_json()),
+            "system": self.config.system,
+            "n_ctx": self._n_ctx(),
+        }
+        report = {
+            "metrics": metrics,
+            "provenance": provenance,
+            "serving": serving_report.summary() if serving_report else None,
+            "timings_s": timings,
+        }
+        (run_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
+        version = registry.register(
+            files[serve_key],
+            provenance,
+            metrics,
+            extra_files={
+                "ood_index.npy": ood,
+                "loss.png": run_dir / "loss.png",
+                "report.json": run_dir / "report.json",
+                "heldout_eval.jsonl": run_dir / "heldout_eval.jsonl",
+            },
+        )
+        status: Literal["promoted", "registered", "rejected"]
+        if passed and self.config.gate.promote:
+            registry.promote(version)
+            status = "promoted"
+        else:
+            status = "rejected" if not passed else "registered"
+        state["finished"] = status
+        state["version"] = version
+        self._save_state(run_dir, state)
+        timings["total"] = time.perf_counter() - t0
+        shutil.rmtree(run_dir / "train" / "checkpoints", ignore_errors=True)
+        return JobResult(status, reason, run_dir, version, metrics, report["serving"], timings)
+
+    def _n_ctx(self) -> int:
+        return self.config.student.context if self.config.student.base_checkpoint is None else 2048
+
+    @staticmethod
+    def _max_answer_tokens(held: Sequence[Example]) -> int:
+        longest = max((len(ex.answer) for ex in held), default=64)
+        return int(min(1024, max(32, longest)))  # ≥1 char per token for byte-level BPE
+
+    def _gate(self, cand: dict[str, Any], serving: dict[str, Any] | None) -> tuple[bool, str]:
+        g = self.config.gate
+        em = cand["exact_match"]
+        if em < g.min_exact_match:
+            return False, f"exact match {em:.3f} below the floor {g.min_exact_match:.3f}"
+        if g.max_latency_p95_ms and cand["latency_ms_p95"] > g.max_latency_p95_ms:
+            return (
+                False,
+                f"p95 latency {cand['latency_ms_p95']:.1f} ms above {g.max_latency_p95_ms} ms",
+            )
+        if serving is not None and em < serving["exact_match"] + g.min_improvement:
+            return False, (
+                f"exact match {em:.3f} does not beat the serving student's "
+                f"{serving['exact_match']:.3f} by {g.min_improvement:.3f}"
+            )
+        vs = f" (serving: {serving['exact_match']:.3f})" if serving else " (nothing served yet)"
+        return True, f"exact match {em:.3f}{vs}"
+
+    def _ood_index(self, run_dir: Path, train: Sequence[Example]) -> Path:
+        import numpy as np
+        from langchain_understudy.retrieval.embeddings import default_embeddings
+
+        texts = [last_user_text(ex.messages) for ex in train]
+        emb = self.embeddings or default_embeddings()
+        vecs = np.asarray(emb.embed_documents(texts), dtype=np.float32)
+        out = run_dir / "ood_index.npy"
+        np.save(out, vecs, allow_pickle=False)
+        return out
+
+
+def _fact(doc: Any) -> Fact:
+    as_of = doc.metadata.get("as_of")
+    return Fact(doc.page_content, key=doc.id, as_of=_iso(as_of) if as_of else None)
+
+
+def _teacher_model(traces: Sequence[Any]) -> str:
+    names = Counter(str(getattr(t, "model", None) or "unknown") for t in traces)
+    return names.most_common(1)[0][0] if names else "unknown"
+
+
+def _write_examples(path: Path, examples: Sequence[Example]) -> None:
+    from langchain_understudy.prompting import message_text
+
+    with open(path, "w", encoding="utf-8") as f:
+        for ex in examples:
+            msgs = [
+                {
+                    "role": {"human": "user", "ai": "assistant"}.get(m.type, m.type),
+                    "content": message_text(m),
+                }
+                for m in ex.messages
+            ]
+            msgs.append({"role": "assistant", "content": ex.answer})
+            meta = {**ex.metadata, "key": ex.key, "facts": [asdict(fct) for fct in ex.facts]}
+            meta.pop("error", None)
+            f.write(
+                json.dumps({"messages": msgs, "metadata": meta}, ensure_ascii=False, default=str)
+                + "\n"
+            )
+
+
+def _write_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")

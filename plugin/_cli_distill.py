@@ -1,0 +1,156 @@
+"""``understudy distill run|schedule`` and ``understudy eval``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from langchain_understudy.plugin._table import format_table
+
+__all__ = ["register"]
+
+
+def _job(args: argparse.Namespace) -> object:
+    from langchain_understudy.distill_jobs.job import DistillConfig, DistillJob
+
+    return DistillJob(DistillConfig.from_toml(args.config), progress=not args.quiet)
+
+
+def _summary(result: object) -> str:
+    from langchain_understudy.distill_jobs.job import JobResult
+
+    assert isinstance(result, JobResult)
+    if result.status == "skipped":
+        return f"skipped: {result.reason}"
+    m = result.metrics
+    rows = [
+        ["status", result.status],
+        ["version", result.version],
+        ["gate", result.reason],
+        ["exact match (held-out)", m.get("exact_match")],
+        ["token F1", m.get("token_f1")],
+        [
+            "latency p50 / p95 ms",
+            f"{m.get('latency_ms_p50', 0):.1f} / {m.get('latency_ms_p95', 0):.1f}",
+        ],
+        ["train examples / steps", f"{m.get('n_train')} / {m.get('train_steps')}"],
+        ["train time s", m.get("train_seconds")],
+        ["run folder", result.run_dir],
+    ]
+    return format_table(["", "value"], rows)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from langchain_understudy.distill_jobs.job import DistillJob
+
+    job = _job(args)
+    assert isinstance(job, DistillJob)
+    result = job.run(resume=args.resume)
+    print(_summary(result))
+    if result.run_dir:
+        print(
+            f"report: {result.run_dir / 'report.json'}  loss curve: {result.run_dir / 'loss.png'}"
+        )
+    return 0
+
+
+def _schedule(args: argparse.Namespace) -> int:
+    from langchain_understudy.distill_jobs.job import DistillJob, JobLockedError
+    from langchain_understudy.distill_jobs.schedule import parse_every, run_schedule
+
+    if bool(args.every) == bool(args.cron):
+        print("error: give exactly one of --every or --cron", file=sys.stderr)
+        return 2
+    job = _job(args)
+    assert isinstance(job, DistillJob)
+
+    def once() -> str:
+        try:
+            r = job.run()
+        except JobLockedError as e:
+            return f"skipped: {e}"
+        return f"{r.status} {r.version or ''} ({r.reason})".strip()
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+
+    run_schedule(
+        once,
+        every=parse_every(args.every) if args.every else None,
+        cron=args.cron,
+        max_runs=args.max_runs,
+        log=log,
+    )
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from langchain_understudy.distill_jobs.dataset import Example, conversation_key
+    from langchain_understudy.distill_jobs.evaluation import evaluate_student
+    from langchain_understudy.distill_jobs.traces import Trace
+    from langchain_understudy.students import ChatStudent, StudentRegistry
+
+    from langchain_understudy.prompting import message_text
+
+    reg = StudentRegistry(args.registry)
+    v = reg.get(args.student) if args.student else reg.current()
+    if v is None:
+        print(f"error: no student promoted in {args.registry}", file=sys.stderr)
+        return 1
+    prov = v.provenance
+    examples = []
+    with open(args.traces, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                t = Trace.from_openai(json.loads(line))
+            except Exception as e:  # noqa: BLE001 - report and skip a bad line
+                print(f"line {n}: skipped ({e})", file=sys.stderr)
+                continue
+            ex = Example(conversation_key(t.messages), t.messages, message_text(t.answer))
+            examples.append(ex)
+    if args.limit:
+        examples = examples[: args.limit]
+    student = ChatStudent(
+        model_path=v.path,
+        student_version=v.version,
+        n_ctx=int(prov.get("n_ctx", 2048)),
+        system_prompt=prov.get("system"),
+        max_tokens=args.max_tokens,
+    )
+    rep = evaluate_student(student, examples, desc=f"evaluate {v.version}")
+    rows = [[k, val] for k, val in rep.summary().items() if val is not None]
+    print(format_table(["metric", v.version], rows))
+    if args.out:
+        Path(args.out).write_text(json.dumps(rep.summary(), indent=2))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add ``distill`` and ``eval``."""
+    p = sub.add_parser("distill", help="build students from traces")
+    s = p.add_subparsers(dest="distill_command", metavar="ACTION", required=True)
+    run = s.add_parser("run", help="run a distillation job once")
+    run.add_argument("--config", required=True, type=Path, help="job TOML file")
+    run.add_argument("--resume", action="store_true", help="continue the last interrupted run")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.set_defaults(func=_run)
+    sched = s.add_parser("schedule", help="run a job repeatedly, one run at a time")
+    sched.add_argument("--config", required=True, type=Path, help="job TOML file")
+    sched.add_argument("--every", help="interval such as 30m, 6h, 1d")
+    sched.add_argument("--cron", help="cron expression such as '0 3 * * *' (UTC)")
+    sched.add_argument("--max-runs", type=int, default=None, help="stop after N runs")
+    sched.add_argument("--quiet", action="store_true", help="no progress bars")
+    sched.set_defaults(func=_schedule)
+
+    ev = sub.add_parser("eval", help="evaluate a registered student on traces (JSONL)")
+    ev.add_argument("--student", help="version (default: the promoted one)")
+    ev.add_argument("--traces", required=True, type=Path, help="OpenAI chat-format JSONL")
+    ev.add_argument("--registry", type=Path, default=Path(".understudy/students"))
+    ev.add_argument("--limit", type=int, default=None)
+    ev.add_argument("--max-tokens", type=int, default=256)
+    ev.add_argument("--out", type=Path, help="write the summary JSON here")
+    ev.set_defaults(func=_eval)

@@ -1,0 +1,72 @@
+"""Configuration loading/overrides and the single prompt format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
+
+from langchain_understudy.config import UnderstudyConfig, load_config
+from langchain_understudy.errors import ConfigError
+from langchain_understudy.prompting import END, Fact, render_answer, render_prompt
+
+
+def test_toml_then_env_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg_file = tmp_path / "understudy.toml"
+    cfg_file.write_text('[student]\nregistry = "students"\nn_ctx = 1024\n[router]\nthreshold = 0.3\n')
+    monkeypatch.setenv("UNDERSTUDY_ROUTER__THRESHOLD", "0.7")
+    cfg = load_config(cfg_file)
+    assert cfg.student.n_ctx == 1024
+    assert cfg.student.registry == tmp_path / "students"  # relative to the file
+    assert cfg.router.threshold == 0.7  # environment wins
+
+
+def test_invalid_values_say_what_is_accepted(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[router]\nthreshold = 3\n")
+    with pytest.raises(ConfigError, match="less than or equal to 1"):
+        load_config(bad)
+    bad.write_text("[student]\nunknown_field = 1\n")
+    with pytest.raises(ConfigError, match="unknown_field"):
+        load_config(bad)
+    bad.write_text("[teacher]\nkind = 'import'\nfactory = 'no_colon'\n")
+    with pytest.raises(ConfigError, match="must be 'module:callable'"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="understudy init"):
+        load_config(tmp_path / "missing.toml")
+    bad.write_text("[student\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+
+
+def test_defaults_are_local_and_safe() -> None:
+    cfg = UnderstudyConfig()
+    assert cfg.server.host == "127.0.0.1"
+    assert cfg.teacher.kind == "none"
+
+
+def test_prompt_format_is_stable() -> None:
+    prompt = render_prompt(
+        [SystemMessage("Be brief."), HumanMessage("Price of Pro?"), AIMessage("49 EUR."), HumanMessage("And Team?")],
+        [Fact("Team costs 99 EUR.", key="price.team", as_of="2026-01-01"), "Free plan exists."],
+    )
+    assert prompt == (
+        "<|system|>\nBe brief.\n"
+        "<|facts|>\n[1] (price.team, as of 2026-01-01) Team costs 99 EUR.\n[2] Free plan exists.\n"
+        "<|user|>\nPrice of Pro?\n"
+        "<|assistant|>\n49 EUR.<|end|>\n"
+        "<|user|>\nAnd Team?\n"
+        "<|assistant|>\n"
+    )
+    assert render_answer(" 99 EUR. ") == f"99 EUR.{END}"
+
+
+def test_prompt_renders_tool_calls_and_tool_results() -> None:
+    ai = AIMessage("", tool_calls=[{"name": "search", "args": {"q": "pro"}, "id": "1"}])
+    prompt = render_prompt([HumanMessage("hi"), ai, ToolMessage("found", tool_call_id="1"), HumanMessage("ok")])
+    assert '{"args": {"q": "pro"}, "tool": "search"}<|end|>' in prompt
+    assert "<|tool|>\nfound\n" in prompt
+    # a trailing assistant message (the answer) is never part of the prompt
+    assert render_prompt([HumanMessage("q"), AIMessage("a")]) == render_prompt([HumanMessage("q")])
+    assert render_prompt([HumanMessage("q")], system="S").startswith("<|system|>\nS\n")
