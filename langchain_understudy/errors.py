@@ -17,7 +17,7 @@ class UnderstudyError(Exception):
     """Base class of every error this package raises on purpose."""
 
 
-class ConfigError(UnderstudyError, ValueError):
+class ConfigError(UnderstudyError):
     """A configuration value or argument is invalid; the message says what is accepted."""
 
 
