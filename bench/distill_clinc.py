@@ -83,7 +83,7 @@ def main() -> None:
         heldout_fraction=0.03,
         skip_if_no_new_traces=False,
         knowledge={"path": work / "kb", "k": args.k},
-        student={"hidden": 128, "layers": 4, "heads": 4, "kv_heads": 2, "ffn": 384, "context": 256, "vocab_size": 2048},
+        student={"hidden": 128, "layers": 4, "heads": 4, "kv_heads": 2, "ffn": 384, "context": 320, "vocab_size": 2048},
         training={"epochs": 30, "max_minutes": args.minutes, "batch_size": 32, "learning_rate": 2e-3, "save_every": 500},
         package={"quant_types": ["Q8_0", "Q4_K_M"], "serve": "Q8_0"},
     )
@@ -106,7 +106,7 @@ def main() -> None:
     rows, per_quant = [], {}
     for quant in ("Q8_0", "Q4_K_M"):
         gguf = run_dir / f"student.{quant}.gguf"
-        student = ChatStudent(model_path=gguf, n_ctx=256, max_tokens=16)
+        student = ChatStudent(model_path=gguf, n_ctx=320, max_tokens=16)
         rep = evaluate_student(student, examples, desc=f"CLINC test {quant}")
         per_quant[quant] = {**rep.summary(), "file_mb": gguf.stat().st_size / 1e6}
         rows.append([quant, f"{rep.exact_match:.4f}", f"{rep.latency_ms_p50:.1f}", f"{rep.latency_ms_p95:.1f}", f"{gguf.stat().st_size / 1e6:.2f}"])

@@ -74,5 +74,8 @@ def run_schedule(
             outcome = f"failed: {type(e).__name__}: {e}"
         runs += 1
         log(f"{started.isoformat(timespec='seconds')} run {runs}: {outcome}")
-        due = next_run(max(clock(), due), every=every, cron=cron)
+        # keep to the schedule's own slots; slots missed while a run was going are skipped
+        due = next_run(due, every=every, cron=cron)
+        while due <= clock():
+            due = next_run(due, every=every, cron=cron)
     return runs

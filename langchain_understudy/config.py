@@ -99,6 +99,14 @@ class TeacherSettings(_Section):
     """Budget: teacher calls allowed per minute (``None``: unlimited)."""
     calls_per_day: int | None = Field(default=None, ge=1)
     """Budget: teacher calls allowed per day (``None``: unlimited)."""
+    backoff_s: float = Field(default=0.5, ge=0, le=60)
+    """First pause between retries; doubles each retry."""
+    max_backoff_s: float = Field(default=8.0, ge=0, le=600)
+    """Longest pause between retries."""
+    failure_threshold: int = Field(default=3, ge=1, le=100)
+    """Consecutive failed attempts that open the circuit breaker."""
+    reset_after_s: float = Field(default=30.0, ge=0, le=86400)
+    """How long an open circuit refuses calls before one trial call."""
 
     @field_validator("factory")
     @classmethod
@@ -126,6 +134,13 @@ class RouterSettings(_Section):
     """Forbid escalation when PII is detected in the conversation."""
     audit_log: Path | None = None
     """JSONL file where every routing decision is appended."""
+    policy: Path | None = None
+    """JSON file of a fitted router policy (`understudy router calibrate --fit default|learned
+    --router-out`); ``None`` uses the built-in ramps."""
+    always_teacher_tags: list[str] = Field(default_factory=list)
+    """Run tags that always send the conversation to the teacher."""
+    reload_check_s: float = Field(default=2.0, ge=0)
+    """How often the registry is checked for a newly promoted student."""
 
 
 class TraceSettings(_Section):
@@ -182,9 +197,13 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     for key, value in data.items():
         if isinstance(value, dict):
             out[key] = _resolve_paths(value, base)
-        elif key in {"registry", "model_path", "path", "embedding_model", "audit_log"} and isinstance(
-            value, str
-        ):
+        elif key in {
+            "registry",
+            "model_path",
+            "path",
+            "embedding_model",
+            "audit_log",
+        } and isinstance(value, str):
             p = Path(os.path.expanduser(value))
             out[key] = str(p if p.is_absolute() else base / p)
         else:

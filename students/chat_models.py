@@ -150,8 +150,10 @@ class ChatStudent(BaseChatModel):
     Every returned message carries ``usage_metadata`` and ``response_metadata`` with
     ``model_name``, ``finish_reason`` and ``confidence`` (see :func:`confidence_from_logprobs`).
 
-    Conversations longer than the context: with ``overflow="truncate"`` (default) the oldest
-    non-system turns are dropped with a warning until prompt + ``max_tokens`` fit, and
+    Conversations longer than the context: an answer always gets room for
+    ``min(max_tokens, n_ctx // 4)`` tokens (``max_tokens`` is capped to what the context has left
+    beyond that). With ``overflow="truncate"`` (default) the oldest non-system turns are dropped
+    with a warning until that fits, and
     ``response_metadata["truncated_turns"]`` says how many; with ``overflow="error"``, or when the
     last turn alone does not fit, :class:`~langchain_understudy.errors.StudentError` is raised.
 
@@ -328,15 +330,17 @@ class ChatStudent(BaseChatModel):
     ) -> tuple[list[int], int]:
         msgs = list(messages)
         dropped = 0
+        # room an answer must have; beyond it, max_tokens is capped to what the context has left
+        reserve = min(max_tokens, max(1, self.n_ctx // 4))
         while True:
             text = render_prompt(msgs, facts, system=self.system_prompt)
             tokens = llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
-            if len(tokens) + max_tokens <= self.n_ctx:
+            if len(tokens) + reserve <= self.n_ctx:
                 return tokens, dropped
             droppable = [i for i, m in enumerate(msgs[:-1]) if not isinstance(m, SystemMessage)]
             if self.overflow == "error" or not droppable:
                 msg = (
-                    f"conversation needs {len(tokens)} prompt tokens + {max_tokens} for the answer, "
+                    f"conversation needs {len(tokens)} prompt tokens + {reserve} for the answer, "
                     f"more than the student's context of {self.n_ctx}; shorten it, lower "
                     "max_tokens, or raise n_ctx (up to what the student was trained for)"
                 )
@@ -368,6 +372,7 @@ class ChatStudent(BaseChatModel):
                     stacklevel=3,
                 )
             gen = _Generation(prompt_tokens=len(tokens), truncated_turns=dropped)
+            max_tokens = min(max_tokens, self.n_ctx - len(tokens))
             self._decode(
                 llm, tokens, gen, stops, max_tokens, temperature, grammar, want_conf, on_text
             )

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import numpy as np
 
 from langchain_understudy.errors import ArtifactError, ConfigError
+from langchain_understudy.students.registry import publish
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "SUPPORTED_PRE_TOKENIZERS", "export_gguf"]
 
@@ -361,7 +362,7 @@ def export_gguf(
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        os.replace(tmp, out)
+        publish(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
     return out

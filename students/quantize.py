@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 from langchain_understudy.errors import ArtifactError, ConfigError
+from langchain_understudy.students.registry import publish
 
 __all__ = ["QUANT_TYPES", "quantize_gguf"]
 
@@ -85,7 +86,7 @@ def quantize_gguf(
     os.close(fd)
     try:
         llama_quantize(src_p, Path(tmp), QUANT_TYPES[qtype], n_threads=n_threads)
-        os.replace(tmp, dst_p)
+        publish(tmp, dst_p)
     finally:
         Path(tmp).unlink(missing_ok=True)
     return dst_p

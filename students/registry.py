@@ -32,6 +32,18 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def publish(tmp: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Atomically move a finished temporary file into place with normal permissions.
+
+    ``mkstemp`` creates files readable by their owner only; a published artifact gets the mode
+    any new file would get under the current umask.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, dst)
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON so a reader sees the old file or the new one, never a partial one."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -41,7 +53,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
             json.dump(data, f, indent=2, sort_keys=True, default=str)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
 

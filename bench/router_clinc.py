@@ -1,0 +1,389 @@
+"""CLINC150 router benchmark: keep in-scope queries on the student, send out-of-scope ones up.
+
+Calibrates the router on ``val`` + ``oos_val`` and evaluates on ``test`` + ``oos_test``. The
+teacher's answer is the gold intent name (``oos`` for an out-of-scope query, which the student never
+saw), so an escalated request counts as correct and a student answer is correct when it names the
+intent exactly. Two policies (the transparent per-signal calibrated ``Router`` and the logistic
+``LearnedRouter``) are fitted on the calibration split and their threshold set to
+``--target-teacher-rate``; both are reported.
+
+Two variants:
+
+* ``single``: one user turn, as in the dataset (RouteLLM also routes on the last message only);
+* ``multi``: 2-4 turn conversations whose earlier turns are other queries answered with their
+  intent; the last user turn is the one answered. A share of them (``--dependent-fraction``) end
+  with a turn that only makes sense with the earlier ones ("Same again, please.", "Back to my first
+  question."), whose answer is the referenced turn's intent.
+
+Reported per variant and policy: quality and teacher-call rate at the calibrated threshold,
+out-of-scope recall, APGR, CPT(50/80/95 %), per-signal AUROC for student errors, router overhead
+p50/p95 with and without the embedding call; plus the curves as PNG. Results go to
+``bench/results/router_clinc.json`` and ``router_clinc_{single,multi}.png``.
+
+Run it on the student of ``bench/distill_clinc.py`` (its registry and knowledge store)::
+
+    .venv/bin/python bench/router_clinc.py --registry bench/out/clinc/students \\
+        --knowledge bench/out/clinc/kb --k 5
+
+or on any student GGUF (``--gguf PATH``); ``--ood-from-train`` builds the out-of-distribution index
+from the training queries when the student came without one; ``--limit N`` runs a quick slice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from _common import RESULTS, machine, require_data, table
+
+FOLLOW_RECENT = (
+    "Same again, please.",
+    "Do that one more time.",
+    "And again?",
+    "Can you repeat that for me?",
+    "Once more, like before.",
+)
+FOLLOW_FIRST = (
+    "Back to my first question.",
+    "What about the first one?",
+    "And the first thing I asked?",
+)
+FOLLOW_OTHER = ("And the other one?",)
+
+
+@dataclass
+class Item:
+    messages: list[Any]
+    reference: str
+    out_of_scope: bool
+    dependent: bool = False
+
+
+def _sample(rows: list[list[str]], n: int | None, rng: random.Random) -> list[list[str]]:
+    if n is None or n >= len(rows):
+        return list(rows)
+    return rng.sample(rows, n)
+
+
+def _splits(
+    data: dict[str, Any], limit: int | None, rng: random.Random
+) -> dict[str, list[list[str]]]:
+    oos_limit = None if limit is None else max(2, limit // 4)
+    return {
+        "cal": _sample(data["val"], limit, rng) + _sample(data["oos_val"], oos_limit, rng),
+        "test": _sample(data["test"], limit, rng) + _sample(data["oos_test"], oos_limit, rng),
+    }
+
+
+def single_items(rows: list[list[str]], system: str | None) -> list[Item]:
+    from langchain_core.messages import HumanMessage, SystemMessage
+
+    head = [SystemMessage(system)] if system else []
+    return [Item([*head, HumanMessage(q)], intent, intent == "oos") for q, intent in rows]
+
+
+def multi_items(
+    rows: list[list[str]], system: str | None, rng: random.Random, dependent_fraction: float
+) -> list[Item]:
+    """2-4 turn conversations ending with each row's query (or a follow-up that needs history)."""
+    from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+
+    head = [SystemMessage(system)] if system else []
+    pool = [r for r in rows if r[1] != "oos"] or rows
+    items = []
+    for q, intent in rows:
+        n_turns = rng.choice((2, 3, 4))
+        history = [rng.choice(pool) for _ in range(n_turns - 1)]
+        msgs: list[Any] = list(head)
+        for hq, hi in history:
+            msgs += [HumanMessage(hq), AIMessage(hi)]
+        if intent != "oos" and rng.random() < dependent_fraction:
+            kind = rng.choice(("recent", "first", "other") if n_turns == 2 else ("recent", "first"))
+            if kind == "recent":
+                text, ref = rng.choice(FOLLOW_RECENT), history[-1][1]
+            elif kind == "first":
+                text, ref = rng.choice(FOLLOW_FIRST), history[0][1]
+            else:
+                text, ref = rng.choice(FOLLOW_OTHER), history[0][1]
+            items.append(Item([*msgs, HumanMessage(text)], ref, False, dependent=True))
+        else:
+            items.append(Item([*msgs, HumanMessage(q)], intent, intent == "oos"))
+    return items
+
+
+def build_ood_index(texts: list[str], out: Path) -> Path:
+    """Embed training queries as the distillation job does (normalised MiniLM) into ood_index.npy."""
+    import numpy as np
+
+    from langchain_understudy.retrieval.embeddings import default_embeddings
+
+    vecs = np.asarray(default_embeddings().embed_documents(texts), dtype=np.float32)
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "ood_index.npy", vecs, allow_pickle=False)
+    (out / "ood_meta.json").write_text(
+        json.dumps({"embedding": "all-MiniLM-L6-v2", "n": len(texts)})
+    )
+    return out / "ood_index.npy"
+
+
+def collect(llm: Any, items: list[Item], workers: int, desc: str) -> list[Any]:
+    from tqdm.auto import tqdm
+
+    from langchain_understudy.router import collect_examples
+
+    with tqdm(total=len(items), desc=desc, unit="conv", file=sys.stderr, disable=None) as bar:
+
+        def run(chunk: list[Item]) -> list[Any]:
+            return collect_examples(
+                llm,
+                [i.messages for i in chunk],
+                [i.reference for i in chunk],
+                out_of_scope=[i.out_of_scope for i in chunk],
+                progress=bar.update,
+            )
+
+        if workers <= 1:
+            return run(items)
+        size = max(1, len(items) // (workers * 8))
+        chunks = [items[i : i + size] for i in range(0, len(items), size)]
+        with ThreadPoolExecutor(workers) as pool:
+            return [ex for part in pool.map(run, chunks) for ex in part]
+
+
+def _pct(v: Any) -> str:
+    return "n/a" if v is None else f"{100 * float(v):.1f}%"
+
+
+def _num(v: Any) -> str:
+    return "n/a" if v is None else f"{float(v):.3f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    who = ap.add_mutually_exclusive_group(required=True)
+    who.add_argument("--gguf", type=Path, help="a student GGUF")
+    who.add_argument("--registry", type=Path, help="a student registry (its promoted version)")
+    ap.add_argument("--version", help="registry version instead of the promoted one")
+    ap.add_argument(
+        "--knowledge", type=Path, help="KnowledgeStore folder whose facts the student reads"
+    )
+    ap.add_argument(
+        "--k", type=int, default=5, help="facts per prompt (as the student was trained)"
+    )
+    ap.add_argument(
+        "--ood-index", type=Path, help="ood_index.npy (default: the registry version's)"
+    )
+    ap.add_argument(
+        "--ood-from-train", action="store_true", help="build the OOD index from CLINC train"
+    )
+    ap.add_argument("--target-teacher-rate", type=float, default=0.2)
+    ap.add_argument("--limit", type=int, help="in-scope queries per split (quick runs)")
+    ap.add_argument("--system", help="system prompt, if the student was trained with one")
+    ap.add_argument("--n-ctx", type=int, default=256)
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--dependent-fraction", type=float, default=0.3)
+    ap.add_argument("--no-multi-turn", action="store_true")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="parallel student contexts (overhead is measured with 1)",
+    )
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--results", type=Path, default=RESULTS, help="output folder")
+    ap.add_argument("--name", default="router_clinc", help="output file stem")
+    args = ap.parse_args(argv)
+
+    from langchain_understudy.router import (
+        ChatUnderstudy,
+        LearnedRouter,
+        Router,
+        evaluate_router,
+        plot_report,
+    )
+    from langchain_understudy.students import ChatStudent, StudentRegistry
+
+    t_start = time.perf_counter()
+    data = json.loads((require_data("clinc150") / "data_full.json").read_text())
+    rng = random.Random(args.seed)
+    splits = _splits(data, args.limit, rng)
+
+    opts = {
+        "n_ctx": args.n_ctx,
+        "max_tokens": args.max_tokens,
+        "temperature": 0.0,
+        "n_instances": max(1, args.workers),
+    }
+    ood: Any = args.ood_index
+    if args.gguf:
+        student = ChatStudent(model_path=args.gguf, **opts)
+        student_label = str(args.gguf)
+    else:
+        reg = StudentRegistry(args.registry)
+        v = reg.get(args.version) if args.version else reg.current()
+        if v is None:
+            raise SystemExit(f"no student is promoted in {args.registry}; pass --version or --gguf")
+        student = ChatStudent(model_path=v.path, student_version=v.version, **opts)
+        student_label = f"{args.registry} {v.version}"
+        if ood is None and "ood_index.npy" in v.files:
+            ood = v.artifact("ood_index.npy")
+    ood_source = str(ood) if ood else None
+    if ood is None and args.ood_from_train:
+        train = [
+            q
+            for q, _ in _sample(data["train"], None if args.limit is None else args.limit * 4, rng)
+        ]
+        ood = build_ood_index(train, args.results / f"{args.name}_ood")
+        ood_source = f"built from {len(train)} CLINC train queries"
+    if ood is None:
+        print(
+            "warning: no out-of-distribution index; out-of-scope queries rest on the other signals",
+            file=sys.stderr,
+        )
+    knowledge = None
+    if args.knowledge:
+        from langchain_understudy.retrieval import KnowledgeStore
+
+        knowledge = KnowledgeStore(args.knowledge, create=False)
+
+    llm = ChatUnderstudy(
+        student=student,
+        teacher=None,
+        knowledge=knowledge,
+        router=Router(),
+        mode="auto",
+        ood_index=ood,
+        k=args.k,
+    )
+    llm.inspect(
+        single_items(splits["cal"][:1], args.system)[0].messages
+    )  # load model and embeddings
+
+    variants = {"single": lambda rows: single_items(rows, args.system)}
+    if not args.no_multi_turn:
+        mrng = random.Random(args.seed + 1)
+        variants["multi"] = lambda rows: multi_items(
+            rows, args.system, mrng, args.dependent_fraction
+        )
+
+    results: dict[str, Any] = {}
+    rows_out = []
+    for variant, make in variants.items():
+        cal_items, test_items = make(splits["cal"]), make(splits["test"])
+        cal = collect(llm, cal_items, args.workers, f"{variant}: calibration")
+        test = collect(llm, test_items, args.workers, f"{variant}: test")
+        reports, per_policy = [], {}
+        for policy, router in (
+            ("calibrated", Router().fit(cal)),
+            ("learned", LearnedRouter().fit(cal)),
+        ):
+            router.calibrate(cal, target_teacher_rate=args.target_teacher_rate, mode="auto")
+            rep = evaluate_router(router, test, mode="auto")
+            scores = router.scores(test, "auto")
+            esc = scores >= router.threshold
+            dep = [i for i, it in enumerate(test_items) if it.dependent]
+            at = rep.at_threshold
+            goals = {
+                "accuracy>=0.985": (at["quality"] or 0) >= 0.985,
+                "teacher_calls<=0.20": (at["teacher_rate"] or 1) <= 0.20,
+                "oos_recall>=0.90": (at["oos_recall"] or 0) >= 0.90,
+                "cpt80<=0.15": rep.cpt["80"] is not None and rep.cpt["80"] <= 0.15,
+                "apgr>=0.85": rep.apgr is not None and rep.apgr >= 0.85,
+                "overhead_p95_excl_embedding<5ms": (
+                    rep.overhead_ms.get("p95_excluding_embedding") or 1e9
+                )
+                < 5.0,
+            }
+            per_policy[policy] = {
+                **rep.to_dict(),
+                "policy": router.to_dict(),
+                "dependent_turns": {
+                    "n": len(dep),
+                    "escalated": float(esc[dep].mean()) if dep else None,
+                    "student_accuracy": (
+                        sum(test[i].student_correct for i in dep) / len(dep) if dep else None
+                    ),
+                },
+                "goals": goals,
+            }
+            reports.append(rep)
+            rows_out.append(
+                [
+                    variant,
+                    policy,
+                    _num(router.threshold),
+                    _pct(at["teacher_rate"]),
+                    _pct(at["quality"]),
+                    _pct(rep.student_quality),
+                    _pct(at["oos_recall"]),
+                    _num(rep.apgr),
+                    " / ".join(_pct(rep.cpt[k]) for k in ("50", "80", "95")),
+                    _num(rep.overhead_ms.get("p95_excluding_embedding")),
+                ]
+            )
+        png = plot_report(
+            reports,
+            args.results / f"{args.name}_{variant}.png",
+            labels=list(per_policy),
+            title=f"CLINC150 {variant}-turn (test + oos_test)",
+        )
+        results[variant] = {
+            "n_calibration": len(cal),
+            "n_test": len(test),
+            "n_test_out_of_scope": sum(i.out_of_scope for i in test_items),
+            "n_test_dependent": sum(i.dependent for i in test_items),
+            "png": str(png),
+            "policies": per_policy,
+        }
+
+    out = {
+        "benchmark": "CLINC150 routing: calibrate on val+oos_val, evaluate on test+oos_test",
+        "data": "CLINC150 data_full (Larson et al., EMNLP 2019), CC BY 3.0",
+        "teacher": "gold intent names stand in for the teacher ('oos' for out-of-scope)",
+        "metrics": "APGR and CPT as defined by RouteLLM (Ong et al., 2024)",
+        "command": "python bench/router_clinc.py "
+        + " ".join(sys.argv[1:] if argv is None else argv),
+        "student": student_label,
+        "knowledge": str(args.knowledge) if args.knowledge else None,
+        "ood_index": ood_source,
+        "target_teacher_rate": args.target_teacher_rate,
+        "limit": args.limit,
+        "machine": machine(),
+        "wall_seconds": time.perf_counter() - t_start,
+        "variants": results,
+    }
+    args.results.mkdir(parents=True, exist_ok=True)
+    path = args.results / f"{args.name}.json"
+    path.write_text(json.dumps(out, indent=2, default=str))
+    print(
+        table(
+            [
+                "variant",
+                "policy",
+                "threshold",
+                "teacher",
+                "accuracy",
+                "student only",
+                "oos recall",
+                "APGR",
+                "CPT 50/80/95",
+                "p95 ms excl. emb.",
+            ],
+            rows_out,
+        )
+    )
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1069 @@
+"""``ChatUnderstudy``: a chat model that lets the student answer what it can and escalates the rest.
+
+One request goes through these steps:
+
+1. The current student is resolved (a registry is re-read every few seconds, so a promotion is
+   picked up without a restart), facts are retrieved from the knowledge store for the last user
+   turn, and the privacy policy says whether the conversation may leave the machine at all.
+2. ``pre``/``auto``: the router scores the conversation before generation and may escalate.
+3. The student answers with the retrieved facts in its prompt.
+4. ``cascade``/``auto``: the router looks at the student's answer (its confidence) and may escalate.
+5. Escalation goes through :class:`~langchain_understudy.router.teachers.ResilientTeacher`; when the
+   teacher is down, over budget, absent or forbidden for this conversation, the student's answer is
+   returned and the metadata says that the escalation was blocked, and why.
+
+Every answer carries ``response_metadata["understudy"]`` (who answered, why, the score and
+threshold, versions, latency, signals) and every decision is appended to the audit log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import math
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from langchain_core.callbacks import (
+    AsyncCallbackManagerForLLMRun,
+    BaseCallbackHandler,
+    CallbackManager,
+    CallbackManagerForLLMRun,
+)
+from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.language_models.chat_models import LangSmithParams
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import RunnableConfig, ensure_config
+from pydantic import ConfigDict, Field, PrivateAttr, model_validator
+
+from langchain_understudy.errors import (
+    ArtifactError,
+    ConfigError,
+    StudentError,
+    TeacherUnavailableError,
+)
+from langchain_understudy.prompting import Fact, message_text
+from langchain_understudy.router.policy import Decision, RoutedExample, Router, SignalReading
+from langchain_understudy.router.signals import OODIndex, RoutingContext, document_to_fact
+from langchain_understudy.router.teachers import PrivacyPolicy, ResilientTeacher, model_name_of
+
+if TYPE_CHECKING:
+    from langchain_core.documents import Document
+
+    from langchain_understudy.config import UnderstudyConfig
+
+__all__ = ["ChatUnderstudy", "Inspection"]
+
+logger = logging.getLogger(__name__)
+
+_TAGS_KW = "_understudy_run_tags"
+
+_NO_OOD = (
+    "the student has no out-of-distribution index (ood_index.npy); the distillation job "
+    "registers one with every student"
+)
+
+
+@dataclass
+class _Active:
+    """The student in service and what came with it."""
+
+    model: BaseChatModel
+    version: str | None
+    ood: OODIndex | None
+    ood_absent: str
+
+
+class _StudentSource:
+    """Resolves the student for each request; a registry is polled for promotions."""
+
+    def __init__(
+        self,
+        student: Any,
+        *,
+        student_kwargs: dict[str, Any],
+        ood_index: Any,
+        check_every_s: float,
+    ) -> None:
+        self._student = student
+        self._kwargs = student_kwargs
+        self._ood_arg = ood_index
+        self._every = check_every_s
+        self._lock = threading.Lock()
+        self._active: _Active | None = None
+        self._checked = -math.inf
+        self.is_registry = hasattr(student, "current_version") and hasattr(student, "current")
+
+    def get(self) -> _Active:
+        now = time.monotonic()
+        if self._active is not None and (not self.is_registry or now - self._checked < self._every):
+            return self._active
+        with self._lock:
+            if self._active is None or (self.is_registry and now - self._checked >= self._every):
+                self._active = self._resolve(self._active)
+                self._checked = now
+            return self._active
+
+    def _explicit_ood(self) -> tuple[OODIndex | None, str]:
+        arg = self._ood_arg
+        if isinstance(arg, OODIndex):
+            return arg, ""
+        if arg is not None:
+            return OODIndex.load(arg), ""
+        return None, _NO_OOD
+
+    def _resolve(self, current: _Active | None) -> _Active:
+        if not self.is_registry:
+            model = self._student
+            if self._ood_arg is not None:
+                ood, why = self._explicit_ood()
+            else:
+                ood, why = None, _NO_OOD
+                path = getattr(model, "model_path", None)
+                if path is not None and (Path(path).parent / "ood_index.npy").is_file():
+                    ood = OODIndex.load(Path(path).parent / "ood_index.npy")
+            return _Active(model, getattr(model, "student_version", None), ood, why)
+        reg = self._student
+        version = reg.current_version()
+        if version is None:
+            msg = f"no student is promoted in {reg.root}; run `understudy students promote V`"
+            raise ArtifactError(msg)
+        if current is not None and current.version == version:
+            return current
+        from langchain_understudy.students import ChatStudent
+
+        v = reg.get(version)
+        model = ChatStudent(model_path=v.path, student_version=v.version, **self._kwargs)
+        if self._ood_arg is not None:
+            ood, why = self._explicit_ood()
+        elif "ood_index.npy" in v.files:
+            ood, why = OODIndex.load(v.artifact("ood_index.npy")), ""
+        else:
+            ood, why = None, f"student {v.version} was registered without ood_index.npy"
+        if current is not None:
+            logger.info("student promoted: now serving %s (was %s)", v.version, current.version)
+        return _Active(model, v.version, ood, why)
+
+
+@dataclass
+class _Request:
+    """State of one request while it is routed."""
+
+    messages: list[BaseMessage]
+    active: _Active
+    ctx: RoutingContext
+    facts: list[Fact]
+    forbidden: str | None
+    tags: list[str]
+    run_id: str | None
+    t0: float
+    retrieval_ms: float = 0.0
+    decisions: list[Decision] = field(default_factory=list)
+    blocked: str | None = None
+    student_error: str | None = None
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """Every signal and the student's answer for one conversation, without calling the teacher.
+
+    Attributes:
+        signals: Raw values by signal name; ``None`` for absent signals.
+        absent: Why absent signals did not apply.
+        failed: Why failing signals failed.
+        answer: The student's answer (``None`` when not generated).
+        pre: The decision the router would make before generation.
+        post: The decision after generation (``None`` when not generated).
+        overhead_ms: Router overhead (signals, rules, scoring of both stages), embedding included.
+        embedding_ms: The embedding part of ``overhead_ms``.
+        retrieval_ms: Time of the knowledge-store query (shared with the student's prompt, so not
+            router overhead).
+    """
+
+    signals: dict[str, float | None]
+    absent: dict[str, str]
+    failed: dict[str, str]
+    answer: AIMessage | None
+    pre: Decision
+    post: Decision | None
+    overhead_ms: float
+    embedding_ms: float
+    retrieval_ms: float
+
+    def to_example(self, student_correct: float, *, out_of_scope: bool = False) -> RoutedExample:
+        """A :class:`~langchain_understudy.router.policy.RoutedExample` for fitting/evaluation."""
+        return RoutedExample(
+            signals=dict(self.signals),
+            student_correct=float(student_correct),
+            out_of_scope=out_of_scope,
+            failed=tuple(self.failed),
+            overhead_ms=self.overhead_ms,
+            embedding_ms=self.embedding_ms,
+        )
+
+
+def _chunk_of(message: AIMessage) -> AIMessageChunk:
+    return AIMessageChunk(
+        content=message.content,
+        additional_kwargs=dict(message.additional_kwargs),
+        response_metadata=dict(message.response_metadata),
+        usage_metadata=message.usage_metadata,
+        id=message.id,
+        chunk_position="last",
+    )
+
+
+class ChatUnderstudy(BaseChatModel):
+    """A routed chat model: the local student answers routine requests, the teacher the hard ones.
+
+    Args:
+        student: A :class:`~langchain_understudy.students.ChatStudent`, any chat model, or a
+            :class:`~langchain_understudy.students.StudentRegistry` (its promoted version is
+            served and promotions are picked up within ``reload_check_s`` seconds).
+        teacher: Any LangChain chat model (wrapped in a
+            :class:`~langchain_understudy.router.teachers.ResilientTeacher` with default limits),
+            a ``ResilientTeacher``, or ``None`` (student only; escalations are reported blocked).
+        knowledge: A LangChain ``VectorStore`` (queried with
+            ``similarity_search_with_relevance_scores``) or ``BaseRetriever`` whose facts are put in
+            the student's prompt.
+        router: The routing policy (default: ``Router()``).
+        mode: ``"pre"``, ``"cascade"`` or ``"auto"``.
+
+    Responses carry ``response_metadata["understudy"]`` with ``answered_by`` (``"student"`` or
+    ``"teacher"``), ``reason``, ``score``, ``threshold``, ``stage``, ``student_version``,
+    ``teacher_model``, ``latency_ms``, ``router_overhead_ms``, ``escalation_blocked``,
+    ``blocked_reason``, ``signals``, ``absent`` and ``failed``.
+
+    Streaming: in ``pre`` mode the student's tokens stream as they are generated. In ``cascade`` and
+    ``auto`` mode the student's answer must be complete before the router can judge it, so it
+    arrives as one chunk (unless escalation is impossible anyway). Teacher answers always arrive as
+    one chunk, so that a teacher failing mid-answer can still fall back to the student.
+
+    Example:
+        >>> from langchain_core.language_models.fake_chat_models import FakeListChatModel
+        >>> from langchain_understudy.students import ChatStudent
+        >>> llm = ChatUnderstudy(  # doctest: +SKIP
+        ...     student=ChatStudent(model_path="student.Q8_0.gguf"),
+        ...     teacher=FakeListChatModel(responses=["I am the teacher."]),
+        ... )
+        >>> msg = llm.invoke("What does the Pro plan cost?")  # doctest: +SKIP
+        >>> msg.response_metadata["understudy"]["answered_by"]  # doctest: +SKIP
+        'student'
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, populate_by_name=True)
+
+    student: Any
+    """A ``ChatStudent`` (or any chat model) or a ``StudentRegistry``."""
+    teacher: Any = None
+    """A chat model, a ``ResilientTeacher``, or ``None``."""
+    knowledge: Any = None
+    """A LangChain ``VectorStore`` or ``BaseRetriever``; ``None`` disables retrieval."""
+    router: Router | None = None
+    """The routing policy; ``None`` uses ``Router()``."""
+    mode: Literal["pre", "cascade", "auto"] = "auto"
+    """``pre`` decides before generating, ``cascade`` after, ``auto`` both."""
+    k: int = Field(default=4, ge=1, le=100)
+    """Facts retrieved per request."""
+    min_relevance: float = Field(default=0.0, ge=0.0, le=1.0)
+    """Facts below this relevance are not shown to the student."""
+    ood_index: Any = None
+    """An ``OODIndex`` or a path to ``ood_index.npy``; ``None`` uses the student's own."""
+    embeddings: Any = None
+    """LangChain ``Embeddings`` for the out-of-distribution signal; ``None`` uses the bundled
+    all-MiniLM-L6-v2 when the student has an index."""
+    privacy: PrivacyPolicy | None = None
+    """Which conversations never leave the machine; ``None`` uses ``PrivacyPolicy()``."""
+    audit_log: Path | None = None
+    """JSONL file every routing decision is appended to (no message text is written)."""
+    trace_callbacks: list[BaseCallbackHandler] | None = None
+    """Callbacks attached to teacher calls only (e.g. a ``TraceRecorder`` for the next
+    distillation run)."""
+    student_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """``ChatStudent`` options used when the student comes from a registry."""
+    max_tokens: int | None = Field(default=None, ge=1)
+    """Cap on generated tokens, passed to the student and the teacher."""
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    """Sampling temperature passed to the student (``None``: the student's own)."""
+    stop: list[str] | None = None
+    """Stop sequences."""
+    reload_check_s: float = Field(default=2.0, ge=0.0)
+    """How often a registry is checked for a newly promoted student."""
+    model_name: str = Field(default="understudy", alias="model")
+    """Name reported to tracing."""
+
+    _source: _StudentSource = PrivateAttr()
+    _guard: ResilientTeacher | None = PrivateAttr(default=None)
+    _router: Router = PrivateAttr()
+    _privacy: PrivacyPolicy = PrivateAttr()
+    _audit_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _embed_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _embedder: Any = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _setup(self) -> ChatUnderstudy:
+        if self.student is None:
+            msg = "ChatUnderstudy needs a student: a ChatStudent, a chat model or a StudentRegistry"
+            raise ConfigError(msg)
+        is_registry = hasattr(self.student, "current_version")
+        if not is_registry and not isinstance(self.student, BaseChatModel):
+            msg = (
+                f"student must be a ChatStudent, a chat model or a StudentRegistry, got "
+                f"{type(self.student).__name__}"
+            )
+            raise ConfigError(msg)
+        self._source = _StudentSource(
+            self.student,
+            student_kwargs=dict(self.student_kwargs),
+            ood_index=self.ood_index,
+            check_every_s=self.reload_check_s,
+        )
+        if isinstance(self.teacher, ResilientTeacher):
+            self._guard = self.teacher
+        elif isinstance(self.teacher, BaseChatModel):
+            self._guard = ResilientTeacher(self.teacher)
+        elif self.teacher is not None:
+            msg = (
+                f"teacher must be a LangChain chat model, a ResilientTeacher or None, got "
+                f"{type(self.teacher).__name__}"
+            )
+            raise ConfigError(msg)
+        self._router = self.router if self.router is not None else Router()
+        self._privacy = self.privacy if self.privacy is not None else PrivacyPolicy()
+        return self
+
+    @classmethod
+    def from_config(
+        cls,
+        config: UnderstudyConfig,
+        *,
+        knowledge: Any = None,
+        teacher: Any = None,
+        **kwargs: Any,
+    ) -> ChatUnderstudy:
+        """Build from an :class:`~langchain_understudy.config.UnderstudyConfig`.
+
+        The student comes from ``student.model_path`` or else the registry; the teacher from
+        ``teacher`` settings (unless one is passed); router, privacy and audit log from ``router``.
+        The knowledge store is not opened here: pass it as ``knowledge``.
+        """
+        s = config.student
+        opts: dict[str, Any] = {
+            "n_ctx": s.n_ctx,
+            "n_threads": s.n_threads,
+            "n_gpu_layers": s.n_gpu_layers,
+            "max_tokens": s.max_tokens,
+            "temperature": s.temperature,
+            "overflow": s.overflow,
+        }
+        student: Any
+        if s.model_path is not None:
+            from langchain_understudy.students import ChatStudent
+
+            student = ChatStudent(model_path=s.model_path, **opts)
+        else:
+            from langchain_understudy.students import StudentRegistry
+
+            student = StudentRegistry(s.registry)
+        r = config.router
+        params: dict[str, Any] = {
+            "student": student,
+            "student_kwargs": opts,
+            "teacher": teacher
+            if teacher is not None
+            else ResilientTeacher.from_settings(config.teacher),
+            "knowledge": knowledge,
+            "router": Router.from_settings(r),
+            "mode": r.mode,
+            "privacy": PrivacyPolicy.from_settings(r),
+            "audit_log": r.audit_log,
+            "k": config.knowledge.k,
+            "min_relevance": config.knowledge.min_relevance,
+        }
+        params.update(kwargs)
+        return cls(**params)
+
+    # -- LangChain plumbing -----------------------------------------------------------------------
+    @property
+    def _llm_type(self) -> str:
+        return "understudy"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {
+            "model_name": self.model_name,
+            "mode": self.mode,
+            "threshold": self._router.threshold,
+            "router": self._router.kind,
+        }
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = super()._get_ls_params(stop=stop, **kwargs)
+        params["ls_provider"] = "understudy"
+        params["ls_model_name"] = kwargs.get("model") or self.model_name
+        temperature = kwargs.get("temperature", self.temperature)
+        if temperature is not None:
+            params["ls_temperature"] = temperature
+        max_tokens = kwargs.get("max_tokens", self.max_tokens)
+        if max_tokens is not None:
+            params["ls_max_tokens"] = max_tokens
+        if stop or self.stop:
+            params["ls_stop"] = stop or self.stop
+        return params
+
+    @property
+    def active_router(self) -> Router:
+        """The routing policy in use."""
+        return self._router
+
+    @property
+    def resilient_teacher(self) -> ResilientTeacher | None:
+        """The guarded teacher, or ``None``."""
+        return self._guard
+
+    def current_student(self) -> BaseChatModel:
+        """The student in service now (following registry promotions)."""
+        return self._source.get().model
+
+    # -- run tags ---------------------------------------------------------------------------------------
+    def _config_tags(self, config: RunnableConfig | None) -> list[str]:
+        cfg = ensure_config(config)
+        manager = CallbackManager.configure(
+            cfg.get("callbacks"), None, False, cfg.get("tags"), self.tags
+        )
+        return list(manager.tags)
+
+    @staticmethod
+    def _run_tags(run_manager: Any, kwargs: dict[str, Any]) -> tuple[list[str], str | None]:
+        tags = list(kwargs.pop(_TAGS_KW, None) or [])
+        run_id = None
+        if run_manager is not None:
+            tags += [t for t in run_manager.tags if t not in tags]
+            run_id = str(run_manager.run_id)
+        return tags, run_id
+
+    def stream(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> Iterator[AIMessageChunk]:
+        """Stream the answer (see the class docstring for what streams live)."""
+        # BaseChatModel.stream does not hand the run's tags to _stream; privacy rules need them.
+        kwargs[_TAGS_KW] = self._config_tags(config)
+        yield from super().stream(input, config, stop=stop, **kwargs)
+
+    async def astream(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[AIMessageChunk]:
+        """Async :meth:`stream`."""
+        kwargs[_TAGS_KW] = self._config_tags(config)
+        async for chunk in super().astream(input, config, stop=stop, **kwargs):
+            yield chunk
+
+    # -- request preparation ----------------------------------------------------------------------
+    def _embed_fn(self) -> Callable[[str], Sequence[float]]:
+        with self._embed_lock:
+            if self._embedder is None:
+                if self.embeddings is not None:
+                    self._embedder = self.embeddings
+                else:
+                    from langchain_understudy.retrieval.embeddings import default_embeddings
+
+                    self._embedder = default_embeddings()
+        fn: Callable[[str], Sequence[float]] = self._embedder.embed_query
+        return fn
+
+    def _retrieve(
+        self, query: str
+    ) -> tuple[list[tuple[Document, float]] | None, list[Fact], str | None, str | None]:
+        """Return (scored docs or None, facts for the student, error, absent reason)."""
+        kn = self.knowledge
+        if kn is None:
+            return None, [], None, "no knowledge store configured"
+        if not query:
+            return [], [], None, None
+        try:
+            if hasattr(kn, "similarity_search_with_relevance_scores"):
+                pairs = [
+                    (d, float(s))
+                    for d, s in kn.similarity_search_with_relevance_scores(query, k=self.k)
+                ]
+            else:
+                docs = kn.invoke(query)
+                scores = [d.metadata.get("relevance_score", d.metadata.get("score")) for d in docs]
+                facts = [document_to_fact(d) for d in docs[: self.k]]
+                if all(s is None for s in scores):
+                    return None, facts, None, "the retriever gives no relevance scores"
+                pairs = [
+                    (d, float(s) if s is not None else 0.0)
+                    for d, s in zip(docs, scores, strict=True)
+                ][: self.k]
+        except Exception as e:  # noqa: BLE001 - a failing store escalates through its signal
+            logger.warning("knowledge store query failed: %s", e)
+            return None, [], f"{type(e).__name__}: {e}", None
+        facts = [document_to_fact(d) for d, s in pairs if s >= self.min_relevance]
+        return pairs, facts, None, None
+
+    def _begin(
+        self,
+        messages: list[BaseMessage],
+        tags: Sequence[str],
+        run_id: str | None,
+    ) -> _Request:
+        t0 = time.perf_counter()
+        active = self._source.get()
+        last_user = ""
+        for m in reversed(messages):
+            if m.type == "human":
+                last_user = message_text(m)
+                break
+        tr = time.perf_counter()
+        retrieved, facts, error, no_store = self._retrieve(last_user)
+        retrieval_ms = (time.perf_counter() - tr) * 1000.0
+        absent = {"ood_distance": active.ood_absent}
+        if no_store:
+            absent["retrieval_similarity"] = no_store
+        model = active.model
+        n_ctx = getattr(model, "n_ctx", None)
+        ctx = RoutingContext(
+            messages=messages,
+            retrieved=retrieved,
+            facts_shown=facts,
+            retrieval_error=error,
+            n_ctx=n_ctx if isinstance(n_ctx, int) else None,
+            count_tokens=getattr(model, "count_tokens", None),
+            ood_index=active.ood,
+            embed_query=self._embed_fn() if active.ood is not None else None,
+            tags=tuple(tags),
+            absent_reasons=absent,
+        )
+        return _Request(
+            messages=messages,
+            active=active,
+            ctx=ctx,
+            facts=facts,
+            forbidden=self._privacy.check(messages, tags),
+            tags=list(tags),
+            run_id=run_id,
+            t0=t0,
+            retrieval_ms=retrieval_ms,
+        )
+
+    def _student_kwargs(
+        self, stop: list[str] | None, kwargs: dict[str, Any], req: _Request
+    ) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            k: v for k, v in kwargs.items() if k not in {"model", "tags", "callbacks", _TAGS_KW}
+        }
+        if req.facts:
+            out["facts"] = req.facts
+        if self.max_tokens is not None:
+            out.setdefault("max_tokens", self.max_tokens)
+        if self.temperature is not None:
+            out.setdefault("temperature", self.temperature)
+        stops = [*(self.stop or []), *(stop or [])]
+        if stops:
+            out["stop"] = stops
+        return out
+
+    def _teacher_kwargs(self, stop: list[str] | None) -> dict[str, Any]:
+        stops = [*(self.stop or []), *(stop or [])]
+        out: dict[str, Any] = {"stop": stops or None}
+        if self.max_tokens is not None:
+            out["max_tokens"] = self.max_tokens
+        return out
+
+    def _can_escalate(self, req: _Request) -> str | None:
+        """Why escalation is impossible for this request, or ``None``."""
+        if req.forbidden:
+            return req.forbidden
+        if self._guard is None:
+            return "no teacher configured"
+        return None
+
+    def _block(self, req: _Request, decision: Decision | None) -> str | None:
+        reason = self._can_escalate(req)
+        if reason is None and decision is not None and decision.forbidden:
+            reason = f"rule: {decision.forbidden}"
+        return reason
+
+    def _escalation_possible(self, req: _Request) -> bool:
+        return (
+            self._can_escalate(req) is None
+            and self._guard is not None
+            and self._guard.blocked_reason() is None
+        )
+
+    # -- metadata and audit ----------------------------------------------------------------------
+    def _finish(
+        self, req: _Request, message: AIMessage, answered_by: str, *, draft_discarded: bool = False
+    ) -> AIMessage:
+        meta = self._understudy_meta(req, answered_by, draft_discarded=draft_discarded)
+        rm = dict(message.response_metadata)
+        rm["understudy"] = meta
+        rm.setdefault(
+            "model_name",
+            model_name_of(req.active.model if answered_by == "student" else self._guard_model()),
+        )
+        out = AIMessage(
+            content=message.content,
+            additional_kwargs=dict(message.additional_kwargs),
+            response_metadata=rm,
+            usage_metadata=message.usage_metadata,
+            tool_calls=list(message.tool_calls),
+            id=message.id,
+        )
+        self._audit(req, meta)
+        return out
+
+    def _guard_model(self) -> Any:
+        return self._guard.model if self._guard is not None else None
+
+    def _understudy_meta(
+        self, req: _Request, answered_by: str, *, draft_discarded: bool = False
+    ) -> dict[str, Any]:
+        last = req.decisions[-1] if req.decisions else None
+        signals: dict[str, float] = {}
+        absent: dict[str, str] = {}
+        failed: dict[str, str] = {}
+        for d in req.decisions:
+            signals.update(d.signals)
+            absent.update(d.absent)
+            failed.update(d.failed)
+        for name in signals:
+            absent.pop(name, None)
+        reason = last.reason if last else "no decision"
+        if req.student_error:
+            reason = f"student failed: {req.student_error}"
+        return {
+            "answered_by": answered_by,
+            "reason": reason,
+            "score": last.score if last else None,
+            "threshold": self._router.threshold,
+            "stage": last.stage if last else None,
+            "mode": self.mode,
+            "deciding_signals": list(last.deciding) if last else [],
+            "rule": last.rule if last else None,
+            "student_version": req.active.version,
+            "student_model": model_name_of(req.active.model),
+            "teacher_model": self._guard.model_name if self._guard is not None else None,
+            "latency_ms": round((time.perf_counter() - req.t0) * 1000.0, 3),
+            "router_overhead_ms": round(sum(d.elapsed_ms for d in req.decisions), 3),
+            "retrieval_ms": round(req.retrieval_ms, 3),
+            "facts": [f.key for f in req.facts],
+            "escalation_blocked": req.blocked is not None,
+            "blocked_reason": req.blocked,
+            "student_draft_discarded": draft_discarded,
+            "signals": signals,
+            "absent": absent,
+            "failed": failed,
+        }
+
+    def _audit(self, req: _Request, meta: dict[str, Any]) -> None:
+        if self.audit_log is None:
+            return
+        convo = json.dumps(
+            [[m.type, message_text(m)] for m in req.messages], ensure_ascii=False
+        ).encode("utf-8")
+        record = {
+            "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            "run_id": req.run_id,
+            "conversation_sha256": hashlib.sha256(convo).hexdigest()[:16],
+            "tags": req.tags,
+            **{k: v for k, v in meta.items() if k != "facts"},
+        }
+        line = json.dumps(record, ensure_ascii=False, default=str, sort_keys=True) + "\n"
+        path = Path(self.audit_log)
+        try:
+            with self._audit_lock:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with open(path, "a", encoding="utf-8") as f:
+                    f.write(line)
+        except OSError as e:
+            # The answer matters more than the log line; say so loudly and go on.
+            logger.error("cannot append to the audit log %s: %s", path, e)
+
+    # -- sync path ------------------------------------------------------------------------------------
+    def _call_teacher(self, req: _Request, stop: list[str] | None) -> AIMessage | None:
+        assert self._guard is not None
+        try:
+            return self._guard.invoke(
+                req.messages,
+                callbacks=list(self.trace_callbacks or []),
+                tags=["understudy:teacher"],
+                **self._teacher_kwargs(stop),
+            )
+        except TeacherUnavailableError as e:
+            req.blocked = str(e)
+            return None
+
+    def _try_escalate(
+        self, req: _Request, decision: Decision, stop: list[str] | None
+    ) -> AIMessage | None:
+        blocked = self._block(req, decision)
+        if blocked:
+            req.blocked = blocked
+            return None
+        return self._call_teacher(req, stop)
+
+    def _route(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None,
+        run_manager: CallbackManagerForLLMRun | None,
+        kwargs: dict[str, Any],
+        req: _Request | None = None,
+    ) -> AIMessage:
+        if req is None:
+            tags, run_id = self._run_tags(run_manager, kwargs)
+            req = self._begin(messages, tags, run_id)
+        router = self._router
+        if self.mode in ("pre", "auto"):
+            d = router.decide(req.ctx, "pre")
+            req.decisions.append(d)
+            if d.escalate:
+                answer = self._try_escalate(req, d, stop)
+                if answer is not None:
+                    return self._finish(req, answer, "teacher")
+        try:
+            draft = _as_ai(
+                req.active.model.invoke(messages, **self._student_kwargs(stop, kwargs, req))
+            )
+        except StudentError as e:
+            return self._student_failed(req, e, stop)
+        if self.mode in ("cascade", "auto") and req.blocked is None:
+            req.ctx.student_output = draft
+            stage: Any = "cascade" if self.mode == "cascade" else "post"
+            reuse = SignalReading.of(req.decisions[-1]) if req.decisions else None
+            d = router.decide(req.ctx, stage, reuse=reuse)
+            req.decisions.append(d)
+            if d.escalate:
+                answer = self._try_escalate(req, d, stop)
+                if answer is not None:
+                    return self._finish(req, answer, "teacher", draft_discarded=True)
+        return self._finish(req, draft, "student")
+
+    def _student_failed(
+        self, req: _Request, error: StudentError, stop: list[str] | None
+    ) -> AIMessage:
+        req.student_error = str(error)
+        blocked = self._block(req, req.decisions[-1] if req.decisions else None)
+        if blocked:
+            raise error
+        answer = self._call_teacher(req, stop)
+        if answer is None:
+            raise error
+        return self._finish(req, answer, "teacher")
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        message = self._route(messages, stop, run_manager, kwargs)
+        return ChatResult(generations=[ChatGeneration(message=message)])
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        tags, run_id = self._run_tags(run_manager, kwargs)
+        req = self._begin(messages, tags, run_id)
+        live = self.mode == "pre" or not self._escalation_possible(req)
+        if not live:
+            message = self._route(messages, stop, run_manager, kwargs, req)
+            yield self._emit(_chunk_of(message), run_manager)
+            return
+        if self.mode in ("pre", "auto"):
+            d = self._router.decide(req.ctx, "pre")
+            req.decisions.append(d)
+            if d.escalate:
+                answer = self._try_escalate(req, d, stop)
+                if answer is not None:
+                    yield self._emit(_chunk_of(self._finish(req, answer, "teacher")), run_manager)
+                    return
+        pieces: list[AIMessageChunk] = []
+        try:
+            for piece in req.active.model.stream(
+                messages, **self._student_kwargs(stop, kwargs, req)
+            ):
+                if not isinstance(piece, AIMessageChunk):
+                    piece = AIMessageChunk(content=str(getattr(piece, "content", piece)))
+                pieces.append(piece)
+                if piece.chunk_position == "last":
+                    break
+                yield self._emit(_plain(piece), run_manager)
+        except StudentError as e:
+            if pieces:
+                raise
+            yield self._emit(_chunk_of(self._student_failed(req, e, stop)), run_manager)
+            return
+        yield self._emit(self._last_chunk(req, pieces), run_manager)
+
+    def _streamed_post_check(self, req: _Request, pieces: list[AIMessageChunk]) -> None:
+        """After a live-streamed student answer, record what the post-generation check says.
+
+        Streaming live only happens when escalation is impossible, so an escalation the check
+        asks for is reported as blocked.
+        """
+        if self.mode not in ("cascade", "auto") or req.blocked is not None:
+            return
+        full = AIMessageChunk(content="")
+        for p in pieces:
+            full = full + p
+        req.ctx.student_output = AIMessage(
+            content=full.content, response_metadata=dict(full.response_metadata)
+        )
+        stage: Any = "cascade" if self.mode == "cascade" else "post"
+        reuse = SignalReading.of(req.decisions[-1]) if req.decisions else None
+        d = self._router.decide(req.ctx, stage, reuse=reuse)
+        req.decisions.append(d)
+        if d.escalate:
+            req.blocked = (
+                self._block(req, d)
+                or (self._guard.blocked_reason() if self._guard is not None else None)
+                or "the teacher was unavailable when the answer started streaming"
+            )
+
+    def _last_chunk(self, req: _Request, pieces: list[AIMessageChunk]) -> AIMessageChunk:
+        self._streamed_post_check(req, pieces)
+        last = pieces[-1] if pieces and pieces[-1].chunk_position == "last" else None
+        meta = self._understudy_meta(req, "student")
+        rm = dict(last.response_metadata) if last is not None else {}
+        if not any("model_name" in p.response_metadata for p in pieces):
+            rm.setdefault("model_name", model_name_of(req.active.model))
+        rm["understudy"] = meta
+        self._audit(req, meta)
+        return AIMessageChunk(
+            content=last.content if last is not None else "",
+            response_metadata=rm,
+            usage_metadata=last.usage_metadata if last is not None else None,
+            chunk_position="last",
+        )
+
+    @staticmethod
+    def _emit(
+        chunk: AIMessageChunk,
+        run_manager: CallbackManagerForLLMRun | None,
+    ) -> ChatGenerationChunk:
+        gen = ChatGenerationChunk(message=chunk)
+        if run_manager is not None and isinstance(chunk.content, str):
+            run_manager.on_llm_new_token(chunk.content, chunk=gen)
+        return gen
+
+    # -- async path ---------------------------------------------------------------------------------
+    async def _acall_teacher(self, req: _Request, stop: list[str] | None) -> AIMessage | None:
+        assert self._guard is not None
+        try:
+            return await self._guard.ainvoke(
+                req.messages,
+                callbacks=list(self.trace_callbacks or []),
+                tags=["understudy:teacher"],
+                **self._teacher_kwargs(stop),
+            )
+        except TeacherUnavailableError as e:
+            req.blocked = str(e)
+            return None
+
+    async def _atry_escalate(
+        self, req: _Request, decision: Decision, stop: list[str] | None
+    ) -> AIMessage | None:
+        blocked = self._block(req, decision)
+        if blocked:
+            req.blocked = blocked
+            return None
+        return await self._acall_teacher(req, stop)
+
+    async def _aroute(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None,
+        run_manager: AsyncCallbackManagerForLLMRun | None,
+        kwargs: dict[str, Any],
+        req: _Request | None = None,
+    ) -> AIMessage:
+        if req is None:
+            tags, run_id = self._run_tags(run_manager, kwargs)
+            req = await asyncio.to_thread(self._begin, messages, tags, run_id)
+        router = self._router
+        if self.mode in ("pre", "auto"):
+            d = await asyncio.to_thread(router.decide, req.ctx, "pre")
+            req.decisions.append(d)
+            if d.escalate:
+                answer = await self._atry_escalate(req, d, stop)
+                if answer is not None:
+                    return self._finish(req, answer, "teacher")
+        try:
+            draft = _as_ai(
+                await req.active.model.ainvoke(messages, **self._student_kwargs(stop, kwargs, req))
+            )
+        except StudentError as e:
+            return await self._astudent_failed(req, e, stop)
+        if self.mode in ("cascade", "auto") and req.blocked is None:
+            req.ctx.student_output = draft
+            stage: Any = "cascade" if self.mode == "cascade" else "post"
+            reuse = SignalReading.of(req.decisions[-1]) if req.decisions else None
+            d = await asyncio.to_thread(router.decide, req.ctx, stage, reuse=reuse)
+            req.decisions.append(d)
+            if d.escalate:
+                answer = await self._atry_escalate(req, d, stop)
+                if answer is not None:
+                    return self._finish(req, answer, "teacher", draft_discarded=True)
+        return self._finish(req, draft, "student")
+
+    async def _astudent_failed(
+        self, req: _Request, error: StudentError, stop: list[str] | None
+    ) -> AIMessage:
+        req.student_error = str(error)
+        blocked = self._block(req, req.decisions[-1] if req.decisions else None)
+        if blocked:
+            raise error
+        answer = await self._acall_teacher(req, stop)
+        if answer is None:
+            raise error
+        return self._finish(req, answer, "teacher")
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        message = await self._aroute(messages, stop, run_manager, kwargs)
+        return ChatResult(generations=[ChatGeneration(message=message)])
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        tags, run_id = self._run_tags(run_manager, kwargs)
+        req = await asyncio.to_thread(self._begin, messages, tags, run_id)
+        live = self.mode == "pre" or not self._escalation_possible(req)
+        if not live:
+            message = await self._aroute(messages, stop, run_manager, kwargs, req)
+            yield await self._aemit(_chunk_of(message), run_manager)
+            return
+        if self.mode in ("pre", "auto"):
+            d = await asyncio.to_thread(self._router.decide, req.ctx, "pre")
+            req.decisions.append(d)
+            if d.escalate:
+                answer = await self._atry_escalate(req, d, stop)
+                if answer is not None:
+                    yield await self._aemit(
+                        _chunk_of(self._finish(req, answer, "teacher")), run_manager
+                    )
+                    return
+        pieces: list[AIMessageChunk] = []
+        try:
+            async for piece in req.active.model.astream(
+                messages, **self._student_kwargs(stop, kwargs, req)
+            ):
+                if not isinstance(piece, AIMessageChunk):
+                    piece = AIMessageChunk(content=str(getattr(piece, "content", piece)))
+                pieces.append(piece)
+                if piece.chunk_position == "last":
+                    break
+                yield await self._aemit(_plain(piece), run_manager)
+        except StudentError as e:
+            if pieces:
+                raise
+            failed = await self._astudent_failed(req, e, stop)
+            yield await self._aemit(_chunk_of(failed), run_manager)
+            return
+        yield await self._aemit(self._last_chunk(req, pieces), run_manager)
+
+    @staticmethod
+    async def _aemit(
+        chunk: AIMessageChunk,
+        run_manager: AsyncCallbackManagerForLLMRun | None,
+    ) -> ChatGenerationChunk:
+        gen = ChatGenerationChunk(message=chunk)
+        if run_manager is not None and isinstance(chunk.content, str):
+            await run_manager.on_llm_new_token(chunk.content, chunk=gen)
+        return gen
+
+    # -- offline inspection -------------------------------------------------------------------------
+    def inspect(
+        self, messages: Sequence[BaseMessage], *, generate: bool = True, **kwargs: Any
+    ) -> Inspection:
+        """Compute every signal and (optionally) the student's answer; never calls the teacher.
+
+        Used to build held-out examples for fitting, calibrating and evaluating the router.
+
+        Args:
+            messages: The conversation.
+            generate: Also run the student (needed for its confidence).
+            **kwargs: Passed to the student.
+        """
+        msgs = list(messages)
+        req = self._begin(msgs, (), None)
+        pre = self._router.decide(req.ctx, "pre")
+        answer: AIMessage | None = None
+        post: Decision | None = None
+        if generate:
+            answer = _as_ai(
+                req.active.model.invoke(msgs, **self._student_kwargs(None, kwargs, req))
+            )
+            req.ctx.student_output = answer
+            post = self._router.decide(req.ctx, "post", reuse=SignalReading.of(pre))
+        signals: dict[str, float | None] = {s.name: None for s in self._router.signals}
+        absent: dict[str, str] = {}
+        failed: dict[str, str] = {}
+        for d in (pre, post):
+            if d is None:
+                continue
+            signals.update(d.signals)
+            absent.update(d.absent)
+            failed.update(d.failed)
+        for name, value in signals.items():
+            if value is not None:
+                absent.pop(name, None)
+        return Inspection(
+            signals=signals,
+            absent=absent,
+            failed=failed,
+            answer=answer,
+            pre=pre,
+            post=post,
+            overhead_ms=pre.elapsed_ms + (post.elapsed_ms if post else 0.0),
+            embedding_ms=pre.embedding_ms + (post.embedding_ms if post else 0.0),
+            retrieval_ms=req.retrieval_ms,
+        )
+
+
+def _as_ai(message: Any) -> AIMessage:
+    if isinstance(message, AIMessage):
+        return message
+    if isinstance(message, BaseMessage):
+        return AIMessage(content=message.content, response_metadata=dict(message.response_metadata))
+    return AIMessage(content=str(message))
+
+
+def _plain(piece: AIMessageChunk) -> AIMessageChunk:
+    """A content-only copy of a student chunk (metadata travels on the last chunk only)."""
+    return AIMessageChunk(content=piece.content, id=piece.id)

@@ -1,0 +1,49 @@
+"""The distillation objective, pinned against a naive reference implementation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from conftest import corpus
+from langchain_core.messages import HumanMessage
+
+from langchain_understudy.distill_jobs.dataset import build_examples
+from langchain_understudy.distill_jobs.scratch import ScratchSize, build_tokenizer, init_student
+from langchain_understudy.distill_jobs.training import IGNORE_INDEX, encode_example, pad_batch
+
+
+def test_loss_is_cross_entropy_on_teacher_tokens_only(tmp_path) -> None:
+    import torch
+
+    tok = build_tokenizer(corpus(500), tmp_path, vocab_size=400)
+    model = init_student(tok, ScratchSize(hidden=32, layers=1, heads=2, kv_heads=1, ffn=64, context=128)).eval()
+    examples, _ = build_examples(
+        [([HumanMessage("short q")], "the answer is 42", {}), ([HumanMessage("a much longer question here")], "no", {})]
+    )
+    feats = [encode_example(tok, ex, 128) for ex in examples]
+    assert all(f is not None for f in feats)
+    batch = pad_batch(feats, tok.pad_token_id)
+    with torch.no_grad():
+        out = model(**batch)
+    # naive reference: mean over answer tokens of -log p(token | everything before it)
+    total, count = 0.0, 0
+    for ex, f in zip(examples, feats, strict=True):
+        ids = f["input_ids"]
+        n_prompt = len(tok(ex.prompt, add_special_tokens=False)["input_ids"])
+        assert f["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt  # prompt masked
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0]
+        for t in range(n_prompt, len(ids)):
+            logp = torch.log_softmax(logits[t - 1].double(), -1)[ids[t]].item()
+            total -= logp
+            count += 1
+    assert count == sum(len(tok(ex.target, add_special_tokens=False)["input_ids"]) for ex in examples)
+    assert out.loss.item() == pytest.approx(total / count, rel=1e-5)
+    assert math.isfinite(out.loss.item())
+
+
+def test_overlong_examples_are_skipped(tmp_path) -> None:
+    tok = build_tokenizer(corpus(300), tmp_path, vocab_size=400)
+    examples, _ = build_examples([([HumanMessage("word " * 200)], "x", {})])
+    assert encode_example(tok, examples[0], 64) is None
