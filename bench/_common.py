@@ -21,16 +21,23 @@ RESULTS = ROOT / "bench" / "results"
 def require_data(name: str) -> Path:
     path = DATA / name
     if not path.exists():
-        raise SystemExit(f"{path} is missing: the benchmarks read ../shared/data beside the repository")
+        raise SystemExit(
+            f"{path} is missing: the benchmarks read ../shared/data beside the repository"
+        )
     return path
 
 
-def write_traces(path: Path, rows: Iterable[tuple[list[dict[str, str]], str, dict[str, Any]]]) -> int:
+def write_traces(
+    path: Path, rows: Iterable[tuple[list[dict[str, str]], str, dict[str, Any]]]
+) -> int:
     """Write (messages, teacher answer, metadata) as OpenAI chat fine-tuning JSONL."""
     n = 0
     with open(path, "w", encoding="utf-8") as f:
         for messages, answer, meta in rows:
-            obj = {"messages": [*messages, {"role": "assistant", "content": answer}], "metadata": meta}
+            obj = {
+                "messages": [*messages, {"role": "assistant", "content": answer}],
+                "metadata": meta,
+            }
             f.write(json.dumps(obj, ensure_ascii=False) + "\n")
             n += 1
     return n

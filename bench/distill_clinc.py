@@ -60,7 +60,9 @@ def main() -> None:
         store.import_jsonl(traces_file)
 
     # 2. knowledge store of past teacher answers, each fact embedded by its query
-    queries = [q for split in ("train", "test", "val", "oos_val", "oos_test") for q, _ in data[split]]
+    queries = [
+        q for split in ("train", "test", "val", "oos_val", "oos_test") for q, _ in data[split]
+    ]
     emb = cached_minilm(work.parent / "clinc_minilm_cache.npz", queries)
     kb = KnowledgeStore(work / "kb", emb)
     t_kb = time.perf_counter()
@@ -71,7 +73,11 @@ def main() -> None:
             {"source_key": conversation_key([HumanMessage(q)]), "as_of": "2019-11-01"}
             for q, _ in data["train"]
         ]
-        kb.add_embeddings(zip(texts, vectors, strict=True), metas, ids=[f"clinc-train-{i}" for i in range(len(texts))])
+        kb.add_embeddings(
+            zip(texts, vectors, strict=True),
+            metas,
+            ids=[f"clinc-train-{i}" for i in range(len(texts))],
+        )
     kb_seconds = time.perf_counter() - t_kb
 
     # 3. the distillation job, as a user would run it
@@ -83,8 +89,22 @@ def main() -> None:
         heldout_fraction=0.03,
         skip_if_no_new_traces=False,
         knowledge={"path": work / "kb", "k": args.k},
-        student={"hidden": 128, "layers": 4, "heads": 4, "kv_heads": 2, "ffn": 384, "context": 320, "vocab_size": 2048},
-        training={"epochs": 30, "max_minutes": args.minutes, "batch_size": 32, "learning_rate": 2e-3, "save_every": 500},
+        student={
+            "hidden": 128,
+            "layers": 4,
+            "heads": 4,
+            "kv_heads": 2,
+            "ffn": 384,
+            "context": 320,
+            "vocab_size": 2048,
+        },
+        training={
+            "epochs": 30,
+            "max_minutes": args.minutes,
+            "batch_size": 32,
+            "learning_rate": 2e-3,
+            "save_every": 500,
+        },
         package={"quant_types": ["Q8_0", "Q4_K_M"], "serve": "Q8_0"},
     )
     job = DistillJob(cfg, embeddings=emb)
@@ -109,22 +129,37 @@ def main() -> None:
         student = ChatStudent(model_path=gguf, n_ctx=320, max_tokens=16)
         rep = evaluate_student(student, examples, desc=f"CLINC test {quant}")
         per_quant[quant] = {**rep.summary(), "file_mb": gguf.stat().st_size / 1e6}
-        rows.append([quant, f"{rep.exact_match:.4f}", f"{rep.latency_ms_p50:.1f}", f"{rep.latency_ms_p95:.1f}", f"{gguf.stat().st_size / 1e6:.2f}"])
-        (work / f"test_rows_{quant}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rep.rows))
+        rows.append(
+            [
+                quant,
+                f"{rep.exact_match:.4f}",
+                f"{rep.latency_ms_p50:.1f}",
+                f"{rep.latency_ms_p95:.1f}",
+                f"{gguf.stat().st_size / 1e6:.2f}",
+            ]
+        )
+        (work / f"test_rows_{quant}.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in rep.rows)
+        )
 
     # 5. nearest-neighbour baselines over the same store (the facts the student reads)
     def answer_of(fact_text: str) -> str:
         return fact_text.rsplit(" => ", 1)[-1]
 
     nn1 = sum(answer_of(e.facts[0].text) == e.answer for e in examples) / len(examples)
-    vote = sum(Counter(answer_of(f.text) for f in e.facts).most_common(1)[0][0] == e.answer for e in examples) / len(examples)
-    in_facts = sum(any(answer_of(f.text) == e.answer for f in e.facts) for e in examples) / len(examples)
+    vote = sum(
+        Counter(answer_of(f.text) for f in e.facts).most_common(1)[0][0] == e.answer
+        for e in examples
+    ) / len(examples)
+    in_facts = sum(any(answer_of(f.text) == e.answer for f in e.facts) for e in examples) / len(
+        examples
+    )
 
     out = {
         "benchmark": "CLINC150 in-scope intent (distilled student reading retrieved past answers)",
         "data": "CLINC150 data_full (Larson et al. 2019), train 15,000 / test 4,500 in-scope",
         "teacher": "gold intent labels stand in for the teacher's answers",
-        "command": "python bench/distill_clinc.py --minutes %g" % args.minutes,
+        "command": f"python bench/distill_clinc.py --minutes {args.minutes:g}",
         "machine": machine(),
         "k_facts": args.k,
         "train_minutes_budget": args.minutes,
@@ -136,7 +171,11 @@ def main() -> None:
         "job_timings_s": result.timings_s,
         "heldout_exact_match": result.metrics.get("exact_match"),
         "test": per_quant,
-        "baselines": {"nn_top1": nn1, f"nn_vote_top{args.k}": vote, f"answer_in_top{args.k}_facts": in_facts},
+        "baselines": {
+            "nn_top1": nn1,
+            f"nn_vote_top{args.k}": vote,
+            f"answer_in_top{args.k}_facts": in_facts,
+        },
         "student_version": result.version,
         "run_dir": str(run_dir),
         "wall_seconds": time.perf_counter() - t0,

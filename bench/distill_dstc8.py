@@ -75,8 +75,22 @@ def main() -> None:
         work_dir=work / "runs",
         heldout_fraction=0.05,
         skip_if_no_new_traces=False,
-        student={"hidden": 128, "layers": 4, "heads": 4, "kv_heads": 2, "ffn": 384, "context": 256, "vocab_size": 2048},
-        training={"epochs": 40, "max_minutes": args.minutes, "batch_size": 32, "learning_rate": 2e-3, "save_every": 500},
+        student={
+            "hidden": 128,
+            "layers": 4,
+            "heads": 4,
+            "kv_heads": 2,
+            "ffn": 384,
+            "context": 256,
+            "vocab_size": 2048,
+        },
+        training={
+            "epochs": 40,
+            "max_minutes": args.minutes,
+            "batch_size": 32,
+            "learning_rate": 2e-3,
+            "save_every": 500,
+        },
         package={"quant_types": ["Q8_0"], "serve": "Q8_0"},
     )
     result = DistillJob(cfg).run()
@@ -96,7 +110,17 @@ def main() -> None:
             examples.append(Example(key=f"{d}-{i}", messages=conv, answer=answer, metadata=meta))
         rep = evaluate_student(student, examples, json_schema=schema, desc=f"{d} test")
         per_domain[d] = rep.summary()
-        rows.append([d, rep.n, f"{rep.exact_match:.4f}", f"{rep.field_accuracy or 0:.4f}", f"{rep.valid_json:.3f}", f"{rep.latency_ms_p50:.1f}", f"{rep.latency_ms_p95:.1f}"])
+        rows.append(
+            [
+                d,
+                rep.n,
+                f"{rep.exact_match:.4f}",
+                f"{rep.field_accuracy or 0:.4f}",
+                f"{rep.valid_json:.3f}",
+                f"{rep.latency_ms_p50:.1f}",
+                f"{rep.latency_ms_p95:.1f}",
+            ]
+        )
         (work / f"test_rows_{d}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rep.rows))
     n_all = sum(per_domain[d]["n"] for d in DOMAINS)
     overall = sum(per_domain[d]["exact_match"] * per_domain[d]["n"] for d in DOMAINS) / n_all
@@ -104,7 +128,7 @@ def main() -> None:
         "benchmark": "DSTC8 slot extraction (Buses_1 + Events_1), JSON answers under a grammar",
         "data": "DSTC8 span extraction (Coope et al. 2020), train_0 / test",
         "teacher": "gold slot spans stand in for the teacher's JSON answers",
-        "command": "python bench/distill_dstc8.py --minutes %g" % args.minutes,
+        "command": f"python bench/distill_dstc8.py --minutes {args.minutes:g}",
         "machine": machine(),
         "train_seconds": result.metrics.get("train_seconds"),
         "train_steps": result.metrics.get("train_steps"),
@@ -115,7 +139,9 @@ def main() -> None:
         "test_exact_match_overall": overall,
         "wall_seconds": time.perf_counter() - t0,
     }
-    print(table(["domain", "n", "exact match", "field acc", "valid JSON", "p50 ms", "p95 ms"], rows))
+    print(
+        table(["domain", "n", "exact match", "field acc", "valid JSON", "p50 ms", "p95 ms"], rows)
+    )
     print(f"overall exact match {overall:.4f}; wrote {save('distill_dstc8', out)}")
 
 

@@ -33,7 +33,12 @@ def build(work: Path) -> dict[str, dict[str, Path]]:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from conftest import corpus
 
-    from langchain_understudy.distill_jobs.scratch import ScratchSize, build_tokenizer, init_student, save_student
+    from langchain_understudy.distill_jobs.scratch import (
+        ScratchSize,
+        build_tokenizer,
+        init_student,
+        save_student,
+    )
     from langchain_understudy.students import export_gguf, quantize_gguf
 
     out: dict[str, dict[str, Path]] = {}
@@ -55,7 +60,9 @@ def build(work: Path) -> dict[str, dict[str, Path]]:
     return out
 
 
-PROMPT = " ".join(["The Pro plan costs 49 EUR a month and includes 20 seats and priority support."] * 12)
+PROMPT = " ".join(
+    ["The Pro plan costs 49 EUR a month and includes 20 seats and priority support."] * 12
+)
 
 
 def measure(runner: str, path: str) -> dict[str, float]:
@@ -68,7 +75,9 @@ def measure(runner: str, path: str) -> dict[str, float]:
     if runner == "raw":
         import llama_cpp
 
-        llm = llama_cpp.Llama(model_path=path, n_ctx=1024, n_threads=THREADS, n_threads_batch=THREADS, verbose=False)
+        llm = llama_cpp.Llama(
+            model_path=path, n_ctx=1024, n_threads=THREADS, n_threads_batch=THREADS, verbose=False
+        )
 
         def run(n: int) -> tuple[float, int]:
             llm.reset()
@@ -80,7 +89,13 @@ def measure(runner: str, path: str) -> dict[str, float]:
     else:
         from langchain_understudy.students import ChatStudent
 
-        student = ChatStudent(model_path=path, n_ctx=1024, n_threads=THREADS, confidence=runner == "student+conf", stop=None)
+        student = ChatStudent(
+            model_path=path,
+            n_ctx=1024,
+            n_threads=THREADS,
+            confidence=runner == "student+conf",
+            stop=None,
+        )
         llm = student.load()._get_pool().peek()
         msgs = [HumanMessage(PROMPT)]
 
@@ -88,7 +103,9 @@ def measure(runner: str, path: str) -> dict[str, float]:
             llm.reset()
             t = time.perf_counter()
             m = student.invoke(msgs, max_tokens=n)
-            return time.perf_counter() - t, int(m.usage_metadata["output_tokens"]) + (1 if m.response_metadata["finish_reason"] == "stop" else 0)
+            return time.perf_counter() - t, int(m.usage_metadata["output_tokens"]) + (
+                1 if m.response_metadata["finish_reason"] == "stop" else 0
+            )
 
         n_prompt = student.count_tokens(prompt_text)
     run(4)  # warm up
@@ -120,17 +137,28 @@ def main() -> None:
         for size, quants in models.items():
             for q, path in quants.items():
                 for runner in runners:  # interleaved so drift hits all runners alike
-                    out = subprocess.run(
-                        [sys.executable, __file__, "--child", runner, str(path)],
-                        capture_output=True, text=True, check=True,
-                    ).stdout.strip().splitlines()[-1]
-                    results.setdefault(size, {}).setdefault(q, {}).setdefault(runner, []).append(json.loads(out))
+                    out = (
+                        subprocess.run(
+                            [sys.executable, __file__, "--child", runner, str(path)],
+                            capture_output=True,
+                            text=True,
+                            check=True,
+                        )
+                        .stdout.strip()
+                        .splitlines()[-1]
+                    )
+                    results.setdefault(size, {}).setdefault(q, {}).setdefault(runner, []).append(
+                        json.loads(out)
+                    )
         print(f"repeat {rep + 1}/{args.repeats} done", flush=True)
 
     rows, summary = [], {}
     for size, quants in results.items():
         for q, by_runner in quants.items():
-            med = {r: {k: statistics.median(x[k] for x in v) for k in v[0]} for r, v in by_runner.items()}
+            med = {
+                r: {k: statistics.median(x[k] for x in v) for k in v[0]}
+                for r, v in by_runner.items()
+            }
             raw = med["raw"]["decode_tok_s"]
             entry = {
                 **{r: m for r, m in med.items()},
@@ -139,19 +167,51 @@ def main() -> None:
                 "file_mb": Path(models[size][q]).stat().st_size / 1e6,
             }
             summary[f"{size}/{q}"] = entry
-            rows.append([
-                size, q, f"{entry['file_mb']:.1f}",
-                f"{raw:.0f}", f"{med['student']['decode_tok_s']:.0f}", f"{med['student+conf']['decode_tok_s']:.0f}",
-                f"{entry['student_vs_raw_decode']:.3f}", f"{entry['student_conf_vs_raw_decode']:.3f}",
-                f"{med['raw']['prompt_tok_s']:.0f}", f"{med['student']['prompt_tok_s']:.0f}",
-                f"{med['raw']['ttft_ms']:.1f}", f"{med['student']['ttft_ms']:.1f}",
-                f"{med['raw']['peak_rss_mb']:.0f}", f"{med['student']['peak_rss_mb']:.0f}",
-            ])
-    headers = ["size", "quant", "MB", "raw dec t/s", "student dec t/s", "+conf dec t/s", "student/raw", "+conf/raw",
-               "raw prompt t/s", "student prompt t/s", "raw TTFT ms", "student TTFT ms", "raw RSS MB", "student RSS MB"]
+            rows.append(
+                [
+                    size,
+                    q,
+                    f"{entry['file_mb']:.1f}",
+                    f"{raw:.0f}",
+                    f"{med['student']['decode_tok_s']:.0f}",
+                    f"{med['student+conf']['decode_tok_s']:.0f}",
+                    f"{entry['student_vs_raw_decode']:.3f}",
+                    f"{entry['student_conf_vs_raw_decode']:.3f}",
+                    f"{med['raw']['prompt_tok_s']:.0f}",
+                    f"{med['student']['prompt_tok_s']:.0f}",
+                    f"{med['raw']['ttft_ms']:.1f}",
+                    f"{med['student']['ttft_ms']:.1f}",
+                    f"{med['raw']['peak_rss_mb']:.0f}",
+                    f"{med['student']['peak_rss_mb']:.0f}",
+                ]
+            )
+    headers = [
+        "size",
+        "quant",
+        "MB",
+        "raw dec t/s",
+        "student dec t/s",
+        "+conf dec t/s",
+        "student/raw",
+        "+conf/raw",
+        "raw prompt t/s",
+        "student prompt t/s",
+        "raw TTFT ms",
+        "student TTFT ms",
+        "raw RSS MB",
+        "student RSS MB",
+    ]
     print(table(headers, rows))
-    path = save("student_speed", {"command": "python bench/student_speed.py --repeats %d" % args.repeats,
-                                   "machine": machine(), "threads": THREADS, "n_decode": N_DECODE, "results": summary})
+    path = save(
+        "student_speed",
+        {
+            "command": f"python bench/student_speed.py --repeats {args.repeats}",
+            "machine": machine(),
+            "threads": THREADS,
+            "n_decode": N_DECODE,
+            "results": summary,
+        },
+    )
     print(f"wrote {path}")
 
 

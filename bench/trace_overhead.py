@@ -45,6 +45,7 @@ from langchain_core.messages import (
     SystemMessage,
 )
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+
 from langchain_understudy.distill_jobs.recorder import TraceRecorder
 from langchain_understudy.distill_jobs.traces import TraceStore
 

@@ -7,7 +7,12 @@ student by sequence-level knowledge distillation, packages, evaluates, gates and
 
 from langchain_understudy.distill_jobs.dataset import Example, build_examples, split_examples
 from langchain_understudy.distill_jobs.evaluation import EvalReport, evaluate_student
-from langchain_understudy.distill_jobs.job import DistillConfig, DistillJob, JobLockedError, JobResult
+from langchain_understudy.distill_jobs.job import (
+    DistillConfig,
+    DistillJob,
+    JobLockedError,
+    JobResult,
+)
 from langchain_understudy.distill_jobs.recorder import TraceRecorder
 from langchain_understudy.distill_jobs.redact import BUILTIN_KINDS, PiiMatch, Redactor, redact_text
 from langchain_understudy.distill_jobs.schedule import run_schedule

@@ -12,8 +12,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from langchain_understudy.distill_jobs.dataset import Example
 from tqdm import tqdm
+
+from langchain_understudy.distill_jobs.dataset import Example
 
 __all__ = [
     "EvalReport",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -17,6 +16,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from filelock import FileLock, Timeout
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from langchain_understudy.config import QuantType
 from langchain_understudy.distill_jobs.dataset import (
     Example,
     FactLookup,
@@ -25,9 +27,6 @@ from langchain_understudy.distill_jobs.dataset import (
     split_examples,
 )
 from langchain_understudy.distill_jobs.scratch import ScratchSize
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
-from langchain_understudy.config import QuantType
 from langchain_understudy.errors import ConfigError, UnderstudyError
 from langchain_understudy.prompting import Fact
 
@@ -270,9 +269,7 @@ class DistillJob:
         store = TraceStore(self.config.traces)
         last = self._last_build_until()
         new = [
-            t
-            for t in store.iter_traces(since=last)
-            if last is None or _iso(t.created_at) > last
+            t for t in store.iter_traces(since=last) if last is None or _iso(t.created_at) > last
         ]
         if last is not None and self.config.skip_if_no_new_traces and not new:
             return [], "", last
@@ -569,6 +566,7 @@ class DistillJob:
 
     def _ood_index(self, run_dir: Path, train: Sequence[Example]) -> Path:
         import numpy as np
+
         from langchain_understudy.retrieval.embeddings import default_embeddings
 
         texts = [last_user_text(ex.messages) for ex in train]

@@ -37,9 +37,9 @@ from uuid import UUID
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import AIMessage, BaseMessage, messages_to_dict
 from langchain_core.outputs import ChatGeneration, LLMResult
+
 from langchain_understudy.distill_jobs.redact import Redactor
 from langchain_understudy.distill_jobs.traces import TraceStore, _as_ai_message, _row
-
 from langchain_understudy.errors import ConfigError, TraceError
 
 __all__ = ["TraceRecorder"]

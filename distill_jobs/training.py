@@ -21,7 +21,6 @@ from langchain_understudy.distill_jobs.scratch import (
     build_tokenizer,
     init_student,
 )
-
 from langchain_understudy.errors import ConfigError
 
 __all__ = [

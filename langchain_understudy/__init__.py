@@ -36,6 +36,15 @@ _EXPORTS: dict[str, str] = {
     "StudentRegistry": "langchain_understudy.students",
     "export_gguf": "langchain_understudy.students",
     "quantize_gguf": "langchain_understudy.students",
+    "KnowledgeStore": "langchain_understudy.retrieval",
+    "ChatUnderstudy": "langchain_understudy.router",
+    "Router": "langchain_understudy.router",
+    "LearnedRouter": "langchain_understudy.router",
+    "ResilientTeacher": "langchain_understudy.router",
+    "TraceStore": "langchain_understudy.distill_jobs",
+    "TraceRecorder": "langchain_understudy.distill_jobs",
+    "DistillConfig": "langchain_understudy.distill_jobs",
+    "DistillJob": "langchain_understudy.distill_jobs",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]

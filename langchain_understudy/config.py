@@ -203,6 +203,7 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
             "path",
             "embedding_model",
             "audit_log",
+            "policy",
         } and isinstance(value, str):
             p = Path(os.path.expanduser(value))
             out[key] = str(p if p.is_absolute() else base / p)

@@ -151,7 +151,7 @@ def render_prompt(
     *,
     system: str | None = None,
 ) -> str:
-    """Render a conversation (and retrieved facts) as the text a student continues.
+    r"""Render a conversation (and retrieved facts) as the text a student continues.
 
     Args:
         messages: The conversation so far; its last message is normally the user's turn.

@@ -90,9 +90,8 @@ def _eval(args: argparse.Namespace) -> int:
     from langchain_understudy.distill_jobs.dataset import Example, conversation_key
     from langchain_understudy.distill_jobs.evaluation import evaluate_student
     from langchain_understudy.distill_jobs.traces import Trace
-    from langchain_understudy.students import ChatStudent, StudentRegistry
-
     from langchain_understudy.prompting import message_text
+    from langchain_understudy.students import ChatStudent, StudentRegistry
 
     reg = StudentRegistry(args.registry)
     v = reg.get(args.student) if args.student else reg.current()

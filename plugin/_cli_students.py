@@ -13,9 +13,8 @@ __all__ = ["register"]
 
 
 def _registry(args: argparse.Namespace) -> Any:
-    from langchain_understudy.students import StudentRegistry
-
     from langchain_understudy.config import load_config
+    from langchain_understudy.students import StudentRegistry
 
     root = args.registry or load_config(args.config).student.registry
     return StudentRegistry(root)
@@ -96,7 +95,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     promote = s.add_parser("promote", parents=[common], help="serve a version from now on")
     promote.add_argument("version")
     promote.set_defaults(func=_promote)
-    rollback = s.add_parser("rollback", parents=[common], help="serve the previously promoted version")
+    rollback = s.add_parser(
+        "rollback", parents=[common], help="serve the previously promoted version"
+    )
     rollback.set_defaults(func=_rollback)
     export = s.add_parser("export", help="convert a Hugging Face checkpoint to GGUF")
     export.add_argument("checkpoint", type=Path)

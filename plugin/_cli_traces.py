@@ -9,9 +9,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from langchain_understudy.plugin._table import format_table
-
 from langchain_understudy.errors import TraceError
+from langchain_understudy.plugin._table import format_table
 
 __all__ = ["register"]
 
@@ -59,10 +58,10 @@ def _missing_store(path: Path) -> TraceError:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from langchain_understudy.distill_jobs.redact import Redactor
     from tqdm import tqdm
 
     from langchain_understudy.config import load_config
+    from langchain_understudy.distill_jobs.redact import Redactor
 
     src = Path(args.file)
     if not src.is_file():

@@ -52,7 +52,10 @@ async def test_native_async(student: ChatStudent) -> None:
 
 def test_safe_from_many_threads(trained_gguf: Path) -> None:
     student = ChatStudent(model_path=trained_gguf, n_ctx=256, max_tokens=8, n_instances=2)
-    questions = [f"What color is the cat {i}? It is {c}." for i, c in enumerate(["red", "blue", "green", "white"] * 4)]
+    questions = [
+        f"What color is the cat {i}? It is {c}."
+        for i, c in enumerate(["red", "blue", "green", "white"] * 4)
+    ]
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda q: student.invoke(q).content, questions))
     assert answers == [q.rsplit(" ", 1)[-1].rstrip(".") for q in questions]
@@ -75,13 +78,19 @@ def test_structured_output_is_valid_json_by_construction(student: ChatStudent) -
     capped = student.model_copy(update={"json_max_string_length": 10, "max_tokens": 40})
     result = capped.with_structured_output(Answer).invoke(Q)
     assert isinstance(result, Answer)
-    raw = capped.invoke(Q, json_schema={"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]})
+    raw = capped.invoke(
+        Q,
+        json_schema={"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]},
+    )
     assert isinstance(json.loads(str(raw.content))["n"], int)
 
 
 def test_invalid_json_schema_is_refused(trained_gguf: Path) -> None:
     with pytest.raises(ConfigError, match="invalid JSON schema"):
-        ChatStudent(model_path=trained_gguf, json_schema={"type": "object", "properties": {"a": {"$ref": "#/nope"}}})
+        ChatStudent(
+            model_path=trained_gguf,
+            json_schema={"type": "object", "properties": {"a": {"$ref": "#/nope"}}},
+        )
 
 
 def test_context_overflow_drops_oldest_turns_or_raises(trained_gguf: Path) -> None:
@@ -146,7 +155,9 @@ def test_confidence_formula() -> None:
     assert confidence_from_logprobs([0.0] * 50) == 1.0
     one_doubt = [math.log(0.5)] + [0.0] * 200
     # length does not dilute the one uncertain token: same score for short and long answers
-    assert confidence_from_logprobs(one_doubt) == pytest.approx(confidence_from_logprobs(one_doubt[:4]))
+    assert confidence_from_logprobs(one_doubt) == pytest.approx(
+        confidence_from_logprobs(one_doubt[:4])
+    )
     assert confidence_from_logprobs(one_doubt) < 0.9
 
 

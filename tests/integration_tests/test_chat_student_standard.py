@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
+
 from langchain_understudy.students import ChatStudent
 
 pytestmark = pytest.mark.slow

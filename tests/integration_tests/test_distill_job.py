@@ -56,7 +56,18 @@ def _write_traces(path: Path, traces: list[dict]) -> Path:
 def job_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("job")
     (d / "job.toml").write_text(JOB)
-    assert main(["traces", "import", str(_write_traces(d / "t.jsonl", color_traces())), "--store", str(d / "traces.sqlite")]) == 0
+    assert (
+        main(
+            [
+                "traces",
+                "import",
+                str(_write_traces(d / "t.jsonl", color_traces())),
+                "--store",
+                str(d / "traces.sqlite"),
+            ]
+        )
+        == 0
+    )
     return d
 
 
@@ -93,7 +104,9 @@ def test_rerun_without_new_traces_is_a_no_op(job_dir: Path, first_run: dict) -> 
     assert StudentRegistry(job_dir / "students").current_version() == "v1"
 
 
-def test_gate_rejects_a_student_that_does_not_beat_the_serving_one(job_dir: Path, first_run: dict) -> None:
+def test_gate_rejects_a_student_that_does_not_beat_the_serving_one(
+    job_dir: Path, first_run: dict
+) -> None:
     TraceStore(job_dir / "traces.sqlite").import_jsonl(
         _write_traces(job_dir / "more.jsonl", color_traces(40, seed=1, start=10_000))
     )
@@ -142,15 +155,31 @@ def test_crashed_run_leaves_serving_student_and_resumes(
     assert len(list(Path(cfg.work_dir).glob("colors-*"))) >= 2
 
 
-def test_cli_eval_on_jsonl(job_dir: Path, first_run: dict, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_eval_on_jsonl(
+    job_dir: Path, first_run: dict, capsys: pytest.CaptureFixture[str]
+) -> None:
     held = first_run["result"].run_dir / "heldout.jsonl"
-    rc = main(["eval", "--traces", str(held), "--registry", str(job_dir / "students"), "--student", "v1", "--max-tokens", "8"])
+    rc = main(
+        [
+            "eval",
+            "--traces",
+            str(held),
+            "--registry",
+            str(job_dir / "students"),
+            "--student",
+            "v1",
+            "--max-tokens",
+            "8",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     assert "exact_match" in out and "v1" in out
 
 
-def test_cli_run_reports_skip(job_dir: Path, first_run: dict, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_run_reports_skip(
+    job_dir: Path, first_run: dict, capsys: pytest.CaptureFixture[str]
+) -> None:
     # every trace has been built by now: the CLI run is a no-op that says so
     test_gate = DistillJob(DistillConfig.from_toml(job_dir / "job.toml"), progress=False)
     if test_gate.run().status != "skipped":

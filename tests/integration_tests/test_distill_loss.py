@@ -17,9 +17,14 @@ def test_loss_is_cross_entropy_on_teacher_tokens_only(tmp_path) -> None:
     import torch
 
     tok = build_tokenizer(corpus(500), tmp_path, vocab_size=400)
-    model = init_student(tok, ScratchSize(hidden=32, layers=1, heads=2, kv_heads=1, ffn=64, context=128)).eval()
+    model = init_student(
+        tok, ScratchSize(hidden=32, layers=1, heads=2, kv_heads=1, ffn=64, context=128)
+    ).eval()
     examples, _ = build_examples(
-        [([HumanMessage("short q")], "the answer is 42", {}), ([HumanMessage("a much longer question here")], "no", {})]
+        [
+            ([HumanMessage("short q")], "the answer is 42", {}),
+            ([HumanMessage("a much longer question here")], "no", {}),
+        ]
     )
     feats = [encode_example(tok, ex, 128) for ex in examples]
     assert all(f is not None for f in feats)
@@ -38,7 +43,9 @@ def test_loss_is_cross_entropy_on_teacher_tokens_only(tmp_path) -> None:
             logp = torch.log_softmax(logits[t - 1].double(), -1)[ids[t]].item()
             total -= logp
             count += 1
-    assert count == sum(len(tok(ex.target, add_special_tokens=False)["input_ids"]) for ex in examples)
+    assert count == sum(
+        len(tok(ex.target, add_special_tokens=False)["input_ids"]) for ex in examples
+    )
     assert out.loss.item() == pytest.approx(total / count, rel=1e-5)
     assert math.isfinite(out.loss.item())
 

@@ -21,6 +21,7 @@ from langchain_core.messages import (
 from langchain_core.messages.tool import tool_call_chunk
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.tools import tool
+
 from langchain_understudy.distill_jobs.recorder import TraceRecorder
 from langchain_understudy.distill_jobs.traces import TraceStore
 

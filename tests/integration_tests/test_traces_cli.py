@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from langchain_core.messages import AIMessage
+
 from langchain_understudy.distill_jobs.traces import TraceStore
 from langchain_understudy.plugin.cli import main
 

@@ -14,7 +14,9 @@ from langchain_understudy.prompting import END, Fact, render_answer, render_prom
 
 def test_toml_then_env_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg_file = tmp_path / "understudy.toml"
-    cfg_file.write_text('[student]\nregistry = "students"\nn_ctx = 1024\n[router]\nthreshold = 0.3\n')
+    cfg_file.write_text(
+        '[student]\nregistry = "students"\nn_ctx = 1024\n[router]\nthreshold = 0.3\n'
+    )
     monkeypatch.setenv("UNDERSTUDY_ROUTER__THRESHOLD", "0.7")
     cfg = load_config(cfg_file)
     assert cfg.student.n_ctx == 1024
@@ -48,7 +50,12 @@ def test_defaults_are_local_and_safe() -> None:
 
 def test_prompt_format_is_stable() -> None:
     prompt = render_prompt(
-        [SystemMessage("Be brief."), HumanMessage("Price of Pro?"), AIMessage("49 EUR."), HumanMessage("And Team?")],
+        [
+            SystemMessage("Be brief."),
+            HumanMessage("Price of Pro?"),
+            AIMessage("49 EUR."),
+            HumanMessage("And Team?"),
+        ],
         [Fact("Team costs 99 EUR.", key="price.team", as_of="2026-01-01"), "Free plan exists."],
     )
     assert prompt == (
@@ -64,7 +71,9 @@ def test_prompt_format_is_stable() -> None:
 
 def test_prompt_renders_tool_calls_and_tool_results() -> None:
     ai = AIMessage("", tool_calls=[{"name": "search", "args": {"q": "pro"}, "id": "1"}])
-    prompt = render_prompt([HumanMessage("hi"), ai, ToolMessage("found", tool_call_id="1"), HumanMessage("ok")])
+    prompt = render_prompt(
+        [HumanMessage("hi"), ai, ToolMessage("found", tool_call_id="1"), HumanMessage("ok")]
+    )
     assert '{"args": {"q": "pro"}, "tool": "search"}<|end|>' in prompt
     assert "<|tool|>\nfound\n" in prompt
     # a trailing assistant message (the answer) is never part of the prompt

@@ -19,8 +19,12 @@ def _pairs(n: int) -> list:
 
 
 def test_build_examples_dedupes_filters_and_uses_the_serving_prompt() -> None:
-    pairs = [*_pairs(5), ([HumanMessage("question 1")], "newer answer", {}), ([HumanMessage("x")], "  ", {}),
-             ([HumanMessage("y")], "z", {"error": "timeout"})]
+    pairs = [
+        *_pairs(5),
+        ([HumanMessage("question 1")], "newer answer", {}),
+        ([HumanMessage("x")], "  ", {}),
+        ([HumanMessage("y")], "z", {"error": "timeout"}),
+    ]
     facts_seen = []
 
     def lookup(convs, keys):
@@ -86,7 +90,17 @@ def test_run_schedule_runs_on_time_and_survives_failures() -> None:
         sleeps.append(s)
         t[0] += timedelta(seconds=s)
 
-    n = run_schedule(once, every=timedelta(hours=1), max_runs=3, sleep=sleep, clock=lambda: t[0], log=lines.append)
+    n = run_schedule(
+        once,
+        every=timedelta(hours=1),
+        max_runs=3,
+        sleep=sleep,
+        clock=lambda: t[0],
+        log=lines.append,
+    )
     assert n == 3
-    assert sleeps == [55 * 60, 55 * 60]  # runs start on the hour, not an hour after the last one ended
+    assert sleeps == [
+        55 * 60,
+        55 * 60,
+    ]  # runs start on the hour, not an hour after the last one ended
     assert "failed: RuntimeError: boom" in lines[0] and "promoted v2" in "\n".join(lines)

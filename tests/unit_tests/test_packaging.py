@@ -18,7 +18,16 @@ SUBPACKAGES = ("students", "retrieval", "router", "distill_jobs", "plugin")
 def test_wheel_installs_into_a_throwaway_venv(tmp_path: Path) -> None:
     dist = tmp_path / "dist"
     subprocess.run(
-        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist), str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "build",
+            "--wheel",
+            "--no-isolation",
+            "--outdir",
+            str(dist),
+            str(ROOT),
+        ],
         check=True,
         capture_output=True,
     )
@@ -29,12 +38,25 @@ def test_wheel_installs_into_a_throwaway_venv(tmp_path: Path) -> None:
     site = Path(
         subprocess.run(
             [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-            check=True, capture_output=True, text=True,
+            check=True,
+            capture_output=True,
+            text=True,
         ).stdout.strip()
     )
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--target", str(site), str(wheel)],
-        check=True, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--no-index",
+            "--target",
+            str(site),
+            str(wheel),
+        ],
+        check=True,
+        capture_output=True,
     )
     # dependencies come from the project's environment; its editable finder is not loaded
     (site / "zz_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
@@ -47,7 +69,9 @@ def test_wheel_installs_into_a_throwaway_venv(tmp_path: Path) -> None:
         "import langchain_understudy.plugin.cli as cli;"
         "print(lu.__file__); print(lu.__version__); print(cli.main(['--version']) if False else 'ok')"
     )
-    out = subprocess.run([str(py), "-c", code], cwd=tmp_path, check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [str(py), "-c", code], cwd=tmp_path, check=True, capture_output=True, text=True
+    ).stdout
     assert str(site) in out.splitlines()[0]
     assert out.splitlines()[1] == "0.1.0"
     assert (site / "langchain_understudy" / "py.typed").exists()
@@ -59,7 +83,9 @@ def test_import_is_cheap_and_never_imports_torch_or_llama_cpp() -> None:
         "import langchain_understudy.students, langchain_understudy.config;"
         "print(sorted(m for m in ('torch','llama_cpp','transformers','faiss') if m in sys.modules))"
     )
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True
+    ).stdout
     assert out.strip() == "[]"
 
 
@@ -71,12 +97,21 @@ def test_public_api_is_pinned() -> None:
         "__version__",
         "ArtifactError",
         "ChatStudent",
+        "ChatUnderstudy",
         "ConfigError",
+        "DistillConfig",
+        "DistillJob",
+        "KnowledgeStore",
         "KnowledgeStoreError",
+        "LearnedRouter",
+        "ResilientTeacher",
+        "Router",
         "StudentError",
         "StudentRegistry",
         "TeacherUnavailableError",
         "TraceError",
+        "TraceRecorder",
+        "TraceStore",
         "UnderstudyConfig",
         "UnderstudyError",
         "export_gguf",

@@ -20,8 +20,12 @@ def _fake_gguf(path: Path, payload: bytes = b"weights") -> Path:
 def test_register_promote_rollback(tmp_path: Path) -> None:
     reg = StudentRegistry(tmp_path / "reg")
     assert reg.current() is None and reg.list() == []
-    v1 = reg.register(_fake_gguf(tmp_path / "a.gguf", b"a"), {"teacher_model": "t"}, {"exact_match": 0.9})
-    v2 = reg.register(_fake_gguf(tmp_path / "b.gguf", b"b"), {"teacher_model": "t"}, {"exact_match": 0.95})
+    v1 = reg.register(
+        _fake_gguf(tmp_path / "a.gguf", b"a"), {"teacher_model": "t"}, {"exact_match": 0.9}
+    )
+    v2 = reg.register(
+        _fake_gguf(tmp_path / "b.gguf", b"b"), {"teacher_model": "t"}, {"exact_match": 0.95}
+    )
     assert (v1, v2) == ("v1", "v2")
     assert reg.current() is None  # registering never promotes
     reg.promote(v1)

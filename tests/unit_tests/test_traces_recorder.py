@@ -11,10 +11,10 @@ import pytest
 from langchain_core.language_models import BaseChatModel, FakeListLLM, GenericFakeChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+
 from langchain_understudy.distill_jobs import recorder as recorder_module
 from langchain_understudy.distill_jobs.recorder import TraceRecorder
 from langchain_understudy.distill_jobs.traces import Trace, TraceStore
-
 from langchain_understudy.errors import ConfigError, TraceError
 
 

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+
 from langchain_understudy.distill_jobs import redact as redact_module
 from langchain_understudy.distill_jobs.redact import BUILTIN_KINDS, Redactor, redact_text
-
 from langchain_understudy.errors import ConfigError
 
 

@@ -17,10 +17,10 @@ from langchain_core.messages import (
     SystemMessage,
     ToolMessage,
 )
+
 from langchain_understudy.distill_jobs import traces as traces_module
 from langchain_understudy.distill_jobs.redact import Redactor
 from langchain_understudy.distill_jobs.traces import Trace, TraceStore, snapshot_hash
-
 from langchain_understudy.errors import TraceError
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
