@@ -28,6 +28,8 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=5, help="facts per prompt")
     ap.add_argument("--limit-test", type=int, default=None)
     ap.add_argument("--fresh", action="store_true", help="delete the work folder first")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads for training and evaluation")
+    ap.add_argument("--resume", action="store_true", help="continue the last interrupted job run")
     args = ap.parse_args()
 
     from langchain_core.messages import HumanMessage
@@ -104,11 +106,12 @@ def main() -> None:
             "batch_size": 32,
             "learning_rate": 2e-3,
             "save_every": 500,
+            "threads": args.threads,
         },
         package={"quant_types": ["Q8_0", "Q4_K_M"], "serve": "Q8_0"},
     )
     job = DistillJob(cfg, embeddings=emb)
-    result = job.run()
+    result = job.run(resume=args.resume)
     print(f"job: {result.status} {result.version} ({result.reason})")
 
     # 4. evaluate on the official test split, with facts from the same store
@@ -126,7 +129,7 @@ def main() -> None:
     rows, per_quant = [], {}
     for quant in ("Q8_0", "Q4_K_M"):
         gguf = run_dir / f"student.{quant}.gguf"
-        student = ChatStudent(model_path=gguf, n_ctx=320, max_tokens=16)
+        student = ChatStudent(model_path=gguf, n_ctx=320, max_tokens=16, n_threads=args.threads)
         rep = evaluate_student(student, examples, desc=f"CLINC test {quant}")
         per_quant[quant] = {**rep.summary(), "file_mb": gguf.stat().st_size / 1e6}
         rows.append(
@@ -163,6 +166,7 @@ def main() -> None:
         "machine": machine(),
         "k_facts": args.k,
         "train_minutes_budget": args.minutes,
+        "train_threads": args.threads,
         "train_seconds": result.metrics.get("train_seconds"),
         "train_steps": result.metrics.get("train_steps"),
         "n_train": result.metrics.get("n_train"),

@@ -41,6 +41,8 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=8.0)
     ap.add_argument("--work", type=Path, default=Path("bench/out/dstc8"))
     ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads for training and evaluation")
+    ap.add_argument("--resume", action="store_true", help="continue the last interrupted job run")
     args = ap.parse_args()
 
     from langchain_core.messages import HumanMessage, SystemMessage
@@ -90,13 +92,14 @@ def main() -> None:
             "batch_size": 32,
             "learning_rate": 2e-3,
             "save_every": 500,
+            "threads": args.threads,
         },
         package={"quant_types": ["Q8_0"], "serve": "Q8_0"},
     )
-    result = DistillJob(cfg).run()
+    result = DistillJob(cfg).run(resume=args.resume)
     print(f"job: {result.status} {result.version} ({result.reason})")
     version = StudentRegistry(cfg.registry).get(result.version or "")
-    student = ChatStudent(model_path=version.path, n_ctx=256, max_tokens=96)
+    student = ChatStudent(model_path=version.path, n_ctx=256, max_tokens=96, n_threads=args.threads)
     rows, per_domain = [], {}
     for d in DOMAINS:
         schema = {
@@ -130,6 +133,7 @@ def main() -> None:
         "teacher": "gold slot spans stand in for the teacher's JSON answers",
         "command": f"python bench/distill_dstc8.py --minutes {args.minutes:g}",
         "machine": machine(),
+        "train_threads": args.threads,
         "train_seconds": result.metrics.get("train_seconds"),
         "train_steps": result.metrics.get("train_steps"),
         "n_train": result.metrics.get("n_train"),

@@ -116,7 +116,8 @@ def split_examples(
     The same conversation always lands on the same side, run after run, so held-out examples are
     never trained on.
     """
-    train, held = [], []
+    train: list[Example] = []
+    held: list[Example] = []
     cut = int(heldout_fraction * 10_000)
     for ex in examples:
         bucket = int(hashlib.sha256(f"{salt}:{ex.key}".encode()).hexdigest(), 16) % 10_000

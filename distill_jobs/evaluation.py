@@ -15,6 +15,7 @@ from typing import Any
 from tqdm import tqdm
 
 from langchain_understudy.distill_jobs.dataset import Example
+from langchain_understudy.errors import StudentError
 
 __all__ = [
     "EvalReport",
@@ -91,6 +92,7 @@ class EvalReport:
     latency_ms_p50: float
     latency_ms_p95: float
     mean_confidence: float | None
+    n_errors: int = 0
     rows: list[dict[str, Any]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
@@ -124,9 +126,13 @@ def evaluate_student(
     kwargs: dict[str, Any] = {"json_schema": json_schema} if json_schema else {}
     for ex in tqdm(examples, desc=desc, disable=not progress, unit="ex"):
         t0 = time.perf_counter()
-        msg = student.invoke(ex.messages, facts=ex.facts, **kwargs)
+        error = None
+        try:
+            msg = student.invoke(ex.messages, facts=ex.facts, **kwargs)
+            pred, confidence = str(msg.content).strip(), msg.response_metadata.get("confidence")
+        except StudentError as e:  # e.g. a prompt longer than the context: a miss, not a crash
+            pred, confidence, error = "", None, str(e)
         ms = (time.perf_counter() - t0) * 1000
-        pred = str(msg.content).strip()
         rows.append(
             {
                 "key": ex.key,
@@ -137,7 +143,8 @@ def evaluate_student(
                 "field_accuracy": field_accuracy(pred, ex.answer),
                 "valid_json": _as_json_object(pred) is not None,
                 "latency_ms": ms,
-                "confidence": msg.response_metadata.get("confidence"),
+                "confidence": confidence,
+                "error": error,
                 "metadata": ex.metadata,
             }
         )
@@ -155,5 +162,6 @@ def evaluate_student(
         latency_ms_p50=_pct(lat, 0.5),
         latency_ms_p95=_pct(lat, 0.95),
         mean_confidence=statistics.fmean(conf) if conf else None,
+        n_errors=sum(1 for r in rows if r["error"]),
         rows=rows,
     )

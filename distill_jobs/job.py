@@ -87,7 +87,7 @@ class TrainingSection(_Section):
     seed: int = 0
     """Seed for initialisation and data order."""
     threads: int | None = Field(default=None, ge=1)
-    """torch CPU threads."""
+    """CPU threads for training (torch) and evaluation (llama.cpp); ``None``: all cores."""
 
 
 class PackageSection(_Section):
@@ -95,7 +95,7 @@ class PackageSection(_Section):
 
     dtype: Literal["f16", "f32"] = "f16"
     """Export precision before quantization."""
-    quant_types: list[QuantType] = Field(default_factory=lambda: ["Q8_0"])
+    quant_types: list[QuantType] = Field(default_factory=lambda: list[QuantType](["Q8_0"]))
     """Types built; each is evaluated."""
     serve: QuantType = "Q8_0"
     """The type registered and served (must be in ``quant_types`` or be the export dtype)."""
@@ -289,8 +289,8 @@ class DistillJob:
             for v in reg.list()
             if v.provenance.get("job") == self.config.name
         ]
-        untils = [u for u in untils if u]
-        return max(untils) if untils else None
+        found = [str(u) for u in untils if u]
+        return max(found) if found else None
 
     def _fact_lookup(self) -> FactLookup | None:
         if self.config.knowledge.path is None:
@@ -429,30 +429,31 @@ class DistillJob:
             dtype=pkg.dtype,
             provenance=prov,
         )
-        files = {pkg.dtype.upper(): base}
+        files: dict[str, Path] = {pkg.dtype.upper(): base}
         for q in pkg.quant_types:
             if q.upper() != pkg.dtype.upper():
                 files[q] = quantize_gguf(base, run_dir / f"student.{q}.gguf", q)
-        serve_key = pkg.serve if pkg.serve in files else pkg.dtype.upper()
+        serve_key: str = pkg.serve if pkg.serve in files else pkg.dtype.upper()
         timings["package"] = time.perf_counter() - t2
 
         t3 = time.perf_counter()
         from langchain_understudy.distill_jobs.evaluation import evaluate_student
 
-        reports = {}
-        for q, path in files.items():
+        reports: dict[str, Any] = {}
+        for qname, path in files.items():
             student = ChatStudent(
                 model_path=path,
                 n_ctx=self._n_ctx(),
+                n_threads=self.config.training.threads,
                 max_tokens=self._max_answer_tokens(held),
                 system_prompt=self.config.system,
             )
-            reports[q] = evaluate_student(
+            reports[qname] = evaluate_student(
                 student,
                 held,
                 json_schema=self.config.json_schema,
                 progress=self.progress,
-                desc=f"evaluate {q}",
+                desc=f"evaluate {qname}",
             )
         candidate = reports[serve_key]
         _write_rows(run_dir / "heldout_eval.jsonl", candidate.rows)
@@ -464,6 +465,7 @@ class DistillJob:
                 serving_student = ChatStudent(
                     model_path=serving.path,
                     n_ctx=self._n_ctx(),
+                n_threads=self.config.training.threads,
                     max_tokens=self._max_answer_tokens(held),
                     system_prompt=self.config.system,
                 )
@@ -484,7 +486,7 @@ class DistillJob:
         ood = self._ood_index(run_dir, train)
         metrics = {
             **candidate.summary(),
-            "by_quant": {q: r.summary() for q, r in reports.items()},
+            "by_quant": {name: r.summary() for name, r in reports.items()},
             "n_train": result.n_train,
             "train_steps": result.steps,
             "train_seconds": result.seconds,

@@ -37,7 +37,8 @@ def next_run(now: datetime, *, every: timedelta | None = None, cron: str | None 
         if not croniter.is_valid(cron):
             msg = f"--cron must be a 5-field cron expression like '0 3 * * *', got {cron!r}"
             raise ConfigError(msg)
-        return croniter(cron, now).get_next(datetime)  # type: ignore[no-any-return]
+        nxt: datetime = croniter(cron, now).get_next(datetime)
+        return nxt
     if every is None:
         msg = "give --every or --cron"
         raise ConfigError(msg)

@@ -196,16 +196,16 @@ def train_student(
             p = max(p, (time.monotonic() - start) / budget_s)
         return min(1.0, p)
 
-    class _Budget(TrainerCallback):  # type: ignore[misc]
+    class _Budget(TrainerCallback):
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> Any:
             if budget_s and time.monotonic() - start >= budget_s:
                 control.should_training_stop = True
                 control.should_save = True
             return control
 
-    class _Trainer(Trainer):  # type: ignore[misc]
+    class _Trainer(Trainer):
         def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
-            opt = optimizer or self.optimizer
+            opt: Any = optimizer or self.optimizer
 
             def factor(step: int) -> float:
                 if step < warmup:

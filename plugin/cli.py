@@ -20,6 +20,7 @@ _COMMAND_MODULES = (
     "langchain_understudy.plugin._cli_traces",
     "langchain_understudy.plugin._cli_distill",
     "langchain_understudy.plugin._cli_router",
+    "langchain_understudy.plugin._cli_app",
 )
 
 

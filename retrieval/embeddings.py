@@ -10,7 +10,7 @@ from langchain_core.embeddings import Embeddings
 
 from langchain_understudy.errors import ConfigError
 
-__all__ = ["SentenceTransformerEmbeddings", "default_embeddings"]
+__all__ = ["SentenceTransformerEmbeddings", "default_embeddings", "embeddings_name"]
 
 
 class SentenceTransformerEmbeddings(Embeddings):
@@ -40,7 +40,9 @@ class SentenceTransformerEmbeddings(Embeddings):
     @property
     def name(self) -> str:
         """A stable name for the model, recorded with stored vectors."""
-        return os.path.basename(self.model_path.rstrip("/")) if self.model_path else "all-MiniLM-L6-v2"
+        return (
+            os.path.basename(self.model_path.rstrip("/")) if self.model_path else "all-MiniLM-L6-v2"
+        )
 
     def _load(self) -> Any:
         with self._lock:
@@ -92,3 +94,24 @@ def default_embeddings() -> SentenceTransformerEmbeddings:
     if _DEFAULT is None:
         _DEFAULT = SentenceTransformerEmbeddings()
     return _DEFAULT
+
+
+def embeddings_name(embeddings: Embeddings) -> str:
+    """Return a stable name for an ``Embeddings`` object, recorded with the vectors it made.
+
+    A knowledge store refuses queries from other embeddings than the ones that built it, since
+    their vectors would not be comparable.
+
+    Example:
+        >>> from langchain_core.embeddings import DeterministicFakeEmbedding
+        >>> embeddings_name(DeterministicFakeEmbedding(size=8))
+        'DeterministicFakeEmbedding(size=8)'
+    """
+    if isinstance(embeddings, SentenceTransformerEmbeddings):
+        return embeddings.name
+    details = []
+    for attr in ("model", "model_name", "size"):
+        value = getattr(embeddings, attr, None)
+        if isinstance(value, str | int) and not isinstance(value, bool):
+            details.append(f"{attr}={value}")
+    return f"{type(embeddings).__qualname__}({', '.join(details)})"
