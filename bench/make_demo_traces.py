@@ -68,7 +68,12 @@ PLAN_ATTRIBUTES: dict[str, dict[str, Any]] = {
             "How much disk space does {plan} have?",
         ],
         "current": {"Starter": 20, "Pro": 200, "Team": 1000, "Business": 5000},
-        "range": {"Starter": (5, 50), "Pro": (50, 500), "Team": (250, 2000), "Business": (1000, 9000)},
+        "range": {
+            "Starter": (5, 50),
+            "Pro": (50, 500),
+            "Team": (250, 2000),
+            "Business": (1000, 9000),
+        },
     },
     "seats": {
         "fact": "The {plan} plan includes {v} user seats.",
@@ -171,7 +176,7 @@ POLICIES: dict[str, dict[str, Any]] = {
 PREFIXES = ["", "", "", "Hi! ", "Hello, ", "Quick question: ", "Hey, ", "Good morning. ", "Sorry, "]
 SUFFIXES = ["", "", "", " Thanks!", " Thank you.", " Please tell me.", " I need it for a quote."]
 
-HISTORY_START = datetime(2023, 1, 1, tzinfo=UTC)
+HISTORY_START = datetime(2020, 1, 1, tzinfo=UTC)
 HISTORY_END = datetime(2025, 12, 1, tzinfo=UTC)
 #: The current version of every fact: the demo's "today" starts from these values.
 CURRENT_AS_OF = datetime(2026, 1, 1, tzinfo=UTC)
@@ -227,18 +232,37 @@ def spec(key: str) -> dict[str, Any]:
     }
 
 
+def _round_values(lo: int, hi: int, price: bool) -> list[int]:
+    """Round values in ``[lo, hi]``: one significant digit (5, 60, 200, 5000), quarter steps
+    (25, 250, 750, 2500) and, for prices, anything ending in 9 (49, 99, 199)."""
+
+    def round_(v: int) -> bool:
+        step = 10 ** (len(str(v)) - 1)
+        if v % step == 0 or (v >= 25 and v % (25 * step // 10) == 0 and len(str(v)) >= 2):
+            return True
+        return price and v % 10 == 9
+
+    return [v for v in range(lo, hi + 1) if round_(v)]
+
+
 def history(key: str, rng: random.Random, versions: int) -> list[tuple[datetime, int]]:
-    """``versions`` dated values of one fact, oldest first; the last is the current value."""
+    """``versions`` dated values of one fact, oldest first; the last is the current value.
+
+    Most historical values are round (49, 250, 1000: numbers with repeated digits, like the
+    current ones) and half are drawn uniformly, so the student meets every digit pattern.
+    """
     s = spec(key)
     lo, hi = s["range"]
+    rounds = _round_values(lo, hi, price=key.startswith("price."))
     span = (HISTORY_END - HISTORY_START).days
     days = sorted(rng.sample(range(1, span), versions - 2))
     dates = [HISTORY_START] + [HISTORY_START + timedelta(days=d) for d in days]
     values: list[int] = []
     for _ in dates:
-        v = rng.randint(lo, hi)
+        draw = (lambda: rng.choice(rounds)) if rng.random() < 0.6 else (lambda: rng.randint(lo, hi))
+        v = draw()
         while values and v == values[-1]:
-            v = rng.randint(lo, hi)
+            v = draw()
         values.append(v)
     if values[-1] == s["current"]:
         values[-1] = lo if s["current"] != lo else hi
@@ -315,8 +339,10 @@ def main(argv: list[str] | None = None) -> None:
             }
             f.write(json.dumps(obj) + "\n")
             n += 1
-    print(f"wrote {len(keys)} facts ({sum(map(len, histories.values()))} versions), {n} traces "
-          f"to {args.out}")
+    print(
+        f"wrote {len(keys)} facts ({sum(map(len, histories.values()))} versions), {n} traces "
+        f"to {args.out}"
+    )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from langchain_understudy.plugin._table import format_table
 
@@ -25,7 +26,7 @@ def _summary(result: object) -> str:
     if result.status == "skipped":
         return f"skipped: {result.reason}"
     m = result.metrics
-    rows = [
+    rows: list[list[Any]] = [
         ["status", result.status],
         ["version", result.version],
         ["gate", result.reason],
@@ -128,7 +129,7 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``distill`` and ``eval``."""
     p = sub.add_parser("distill", help="build students from traces")
     s = p.add_subparsers(dest="distill_command", metavar="ACTION", required=True)

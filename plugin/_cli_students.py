@@ -79,7 +79,7 @@ def _quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``students`` command group."""
     from langchain_understudy.students.quantize import QUANT_TYPES
 

@@ -583,7 +583,7 @@ class ChatStudent(BaseChatModel):
                 return
 
     # -- structured output --------------------------------------------------------------------
-    def with_structured_output(  # type: ignore[override]
+    def with_structured_output(
         self,
         schema: dict[str, Any] | type,
         *,

@@ -71,9 +71,11 @@ def test_router_calibrate_and_eval_cli(
     assert (out_dir / "router_eval.png").read_bytes()[:4] == b"\x89PNG"
     assert "AUROC" in capsys.readouterr().out
 
-    assert (
-        main(["router", "calibrate", *common, "--target-quality", "0.9", "--fit", "default"]) == 1
-    )
+    # without --router-out the fitted policy goes next to the config, which then points at it
+    rc = main(["router", "calibrate", *common, "--target-quality", "0.9", "--fit", "default"])
+    assert rc == 0
+    saved = tomllib.loads(cfg.read_text())["router"]["policy"]
+    assert Path(saved).name == "router_policy.json" and Path(saved).exists()
 
 
 @pytest.mark.skipif(not CLINC.exists(), reason="needs ../shared/data/clinc150 (present in CI)")

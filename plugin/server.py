@@ -1,0 +1,717 @@
+"""``understudy serve``: an OpenAI-compatible HTTP API over the routed understudy.
+
+Endpoints: ``POST /v1/chat/completions`` (with and without ``stream``), ``GET /v1/models``,
+``GET /healthz`` and ``GET /metrics`` (Prometheus text format: request counts, a latency histogram,
+who answered and the teacher-call rate). Any OpenAI client can point its ``base_url`` at
+``http://127.0.0.1:8321/v1``.
+
+Safety: the server binds 127.0.0.1 by default and refuses any other address unless the API key
+variable (``server.api_key_env``, default ``UNDERSTUDY_API_KEY``) is set, in which case every
+``/v1`` and ``/metrics`` request must carry ``Authorization: Bearer <key>``. Request bodies and
+``max_tokens`` are capped. Malformed requests get OpenAI-style 4xx JSON errors
+(``{"error": {"message", "type", "param", "code"}}``), never a 500 or a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    BaseMessage,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from langchain_understudy.config import ServerSettings
+from langchain_understudy.errors import (
+    ConfigError,
+    StudentError,
+    TeacherUnavailableError,
+    UnderstudyError,
+)
+
+__all__ = [
+    "LATENCY_BUCKETS",
+    "ServerMetrics",
+    "ServerThread",
+    "check_bind",
+    "create_app",
+    "is_loopback",
+    "serve",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Upper bounds (seconds) of the latency histogram buckets.
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+
+_ENDPOINTS = ("/v1/chat/completions", "/v1/models", "/healthz", "/metrics")
+
+
+# -- bind safety ---------------------------------------------------------------------------------------
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine.
+
+    Example:
+        >>> is_loopback("127.0.0.1"), is_loopback("localhost"), is_loopback("0.0.0.0")
+        (True, True, False)
+    """
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, api_key: str | None, api_key_env: str = "UNDERSTUDY_API_KEY") -> None:
+    """Refuse a non-loopback bind address unless an API key is set.
+
+    Raises:
+        ConfigError: ``host`` is reachable from other machines and no key protects it.
+    """
+    if not is_loopback(host) and not api_key:
+        msg = (
+            f"refusing to listen on {host!r} without an API key: anyone on the network could use "
+            f"the model. Set the environment variable {api_key_env} (clients then send "
+            f"'Authorization: Bearer <key>'), or bind 127.0.0.1"
+        )
+        raise ConfigError(msg)
+
+
+# -- metrics --------------------------------------------------------------------------------------------
+
+
+class ServerMetrics:
+    """Counters and a latency histogram, rendered in the Prometheus text format.
+
+    Example:
+        >>> m = ServerMetrics()
+        >>> m.observe_request("/v1/models", 200)
+        >>> "understudy_http_requests_total" in m.render()
+        True
+    """
+
+    def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.buckets = tuple(sorted(buckets))
+        self._lock = threading.Lock()
+        self.requests: Counter[tuple[str, int]] = Counter()
+        self.bucket_counts = [0] * len(self.buckets)
+        self.latency_sum = 0.0
+        self.latency_count = 0
+        self.answers: Counter[str] = Counter()
+        self.blocked = 0
+        self.in_flight = 0
+        self.started = time.time()
+
+    def observe_request(self, path: str, status: int) -> None:
+        """Count one HTTP request."""
+        endpoint = path if path in _ENDPOINTS else "other"
+        with self._lock:
+            self.requests[(endpoint, int(status))] += 1
+
+    def observe_completion(self, seconds: float, meta: Mapping[str, Any] | None) -> None:
+        """Record one chat completion's latency and who answered it."""
+        with self._lock:
+            for i, bound in enumerate(self.buckets):
+                if seconds <= bound:
+                    self.bucket_counts[i] += 1
+            self.latency_sum += seconds
+            self.latency_count += 1
+            by = str((meta or {}).get("answered_by") or "unknown")
+            self.answers[by] += 1
+            if (meta or {}).get("escalation_blocked"):
+                self.blocked += 1
+
+    def teacher_call_rate(self) -> float:
+        """Share of answered completions that the teacher answered."""
+        with self._lock:
+            total = sum(self.answers.values())
+            return self.answers["teacher"] / total if total else 0.0
+
+    def render(self) -> str:
+        """The metrics in the Prometheus text exposition format (version 0.0.4)."""
+        rate = self.teacher_call_rate()
+        with self._lock:
+            lines = [
+                "# HELP understudy_http_requests_total HTTP requests by endpoint and status code.",
+                "# TYPE understudy_http_requests_total counter",
+            ]
+            for (endpoint, status), n in sorted(self.requests.items()):
+                lines.append(
+                    f'understudy_http_requests_total{{endpoint="{endpoint}",code="{status}"}} {n}'
+                )
+            lines += [
+                "# HELP understudy_chat_completion_seconds Latency of chat completions.",
+                "# TYPE understudy_chat_completion_seconds histogram",
+            ]
+            for bound, n in zip(self.buckets, self.bucket_counts, strict=True):
+                lines.append(f'understudy_chat_completion_seconds_bucket{{le="{bound:g}"}} {n}')
+            lines.append(
+                f'understudy_chat_completion_seconds_bucket{{le="+Inf"}} {self.latency_count}'
+            )
+            lines.append(f"understudy_chat_completion_seconds_sum {self.latency_sum:.6f}")
+            lines.append(f"understudy_chat_completion_seconds_count {self.latency_count}")
+            lines += [
+                "# HELP understudy_answers_total Chat completions by who answered them.",
+                "# TYPE understudy_answers_total counter",
+            ]
+            for by in sorted({"student", "teacher", *self.answers}):
+                lines.append(f'understudy_answers_total{{answered_by="{by}"}} {self.answers[by]}')
+            lines += [
+                "# HELP understudy_teacher_call_rate Share of completions answered by the teacher.",
+                "# TYPE understudy_teacher_call_rate gauge",
+                f"understudy_teacher_call_rate {rate:.6f}",
+                "# HELP understudy_escalations_blocked_total Escalations that could not reach the "
+                "teacher (none configured, down, over budget or private).",
+                "# TYPE understudy_escalations_blocked_total counter",
+                f"understudy_escalations_blocked_total {self.blocked}",
+                "# HELP understudy_in_flight_requests Chat completions being answered now.",
+                "# TYPE understudy_in_flight_requests gauge",
+                f"understudy_in_flight_requests {self.in_flight}",
+                "# HELP understudy_uptime_seconds Seconds since the server started.",
+                "# TYPE understudy_uptime_seconds gauge",
+                f"understudy_uptime_seconds {time.time() - self.started:.3f}",
+            ]
+        return "\n".join(lines) + "\n"
+
+
+# -- request model --------------------------------------------------------------------------------------
+
+
+class _ApiError(Exception):
+    """An error answered as OpenAI-style JSON."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",  # noqa: A002 - the OpenAI field name
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class _ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    text: str | None = None
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[_ContentPart] | None = None
+    name: str | None = None
+    tool_call_id: str | None = None
+
+
+class _StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """The accepted subset of OpenAI's chat completion request (unknown fields are ignored)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    messages: list[_Message] = Field(min_length=1)
+    stream: bool = False
+    stream_options: _StreamOptions | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    n: int | None = Field(default=None, ge=1)
+    stop: str | list[str] | None = None
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+
+def _text(content: str | list[_ContentPart] | None, where: str) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    parts = []
+    for i, part in enumerate(content):
+        if part.type != "text" or part.text is None:
+            raise _ApiError(
+                400,
+                f"content part of type {part.type!r} is not supported; send text parts only",
+                param=f"{where}.content.{i}.type",
+            )
+        parts.append(part.text)
+    return "".join(parts)
+
+
+def _to_messages(req: ChatCompletionRequest) -> list[BaseMessage]:
+    out: list[BaseMessage] = []
+    for i, m in enumerate(req.messages):
+        text = _text(m.content, f"messages.{i}")
+        if m.role in ("system", "developer"):
+            out.append(SystemMessage(text))
+        elif m.role == "user":
+            out.append(HumanMessage(text, name=m.name) if m.name else HumanMessage(text))
+        elif m.role == "assistant":
+            out.append(AIMessage(text))
+        else:
+            if not m.tool_call_id:
+                raise _ApiError(
+                    400, "a message with role 'tool' needs tool_call_id", param=f"messages.{i}"
+                )
+            out.append(ToolMessage(text, tool_call_id=m.tool_call_id))
+    return out
+
+
+def _validation_error(e: ValidationError) -> _ApiError:
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in err.get("loc", ()))
+    return _ApiError(400, f"{loc or 'body'}: {err.get('msg', 'invalid value')}", param=loc or None)
+
+
+# -- the app ------------------------------------------------------------------------------------------
+
+
+def _usage(msg: BaseMessage) -> dict[str, int]:
+    u = getattr(msg, "usage_metadata", None) or {}
+    p, c = int(u.get("input_tokens", 0)), int(u.get("output_tokens", 0))
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def _finish_reason(meta: Mapping[str, Any]) -> str:
+    return "length" if meta.get("finish_reason") == "length" else "stop"
+
+
+def create_app(
+    llm: Any,
+    *,
+    settings: ServerSettings | None = None,
+    api_key: str | None = None,
+    model_name: str | None = None,
+    max_concurrency: int = 64,
+    queue_timeout_s: float = 60.0,
+) -> FastAPI:
+    """Build the FastAPI app serving ``llm`` (normally a ``ChatUnderstudy``).
+
+    Args:
+        llm: Any LangChain chat model; a ``ChatUnderstudy`` adds routing metadata to answers.
+        settings: Limits and the API key variable (default ``ServerSettings()``).
+        api_key: The bearer key clients must send; ``None`` reads ``settings.api_key_env``
+            (unset: no authentication, which :func:`check_bind` allows on loopback only).
+        model_name: The model id listed by ``/v1/models`` (default: ``llm.model_name``).
+        max_concurrency: Completions answered at once; more wait in line.
+        queue_timeout_s: How long a request waits in line before a 503.
+
+    Example:
+        >>> from fastapi.testclient import TestClient  # doctest: +SKIP
+        >>> client = TestClient(create_app(load_understudy()))  # doctest: +SKIP
+        >>> client.get("/healthz").json()["status"]  # doctest: +SKIP
+        'ok'
+    """
+    s = settings or ServerSettings()
+    # An explicit "" switches authentication off (tests); None reads the environment.
+    key = (api_key if api_key is not None else os.environ.get(s.api_key_env)) or None
+    name = model_name or str(getattr(llm, "model_name", None) or "understudy")
+    metrics = ServerMetrics()
+    gate = asyncio.Semaphore(max_concurrency)
+    created = int(time.time())
+
+    app = FastAPI(title="understudy", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.metrics = metrics
+    app.state.llm = llm
+
+    def error_response(err: _ApiError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+        return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+    @app.middleware("http")
+    async def count_and_guard(request: Request, call_next: Any) -> Response:
+        path = request.url.path
+        try:
+            if key is not None and (path.startswith("/v1/") or path == "/metrics"):
+                header = request.headers.get("authorization", "")
+                scheme, _, token = header.partition(" ")
+                if scheme.lower() != "bearer" or not hmac.compare_digest(
+                    token.strip().encode(), key.encode()
+                ):
+                    raise _ApiError(
+                        401,
+                        "missing or wrong API key; send 'Authorization: Bearer <key>'",
+                        code="invalid_api_key",
+                    )
+            response: Response = await call_next(request)
+        except _ApiError as e:
+            response = error_response(e)
+        metrics.observe_request(path, response.status_code)
+        return response
+
+    @app.exception_handler(_ApiError)
+    async def api_error(_request: Request, exc: _ApiError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return error_response(_ApiError(exc.status_code, str(exc.detail), code=code))
+
+    @app.exception_handler(Exception)
+    async def internal_error(_request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error in the understudy server")
+        return error_response(
+            _ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
+        )
+
+    async def read_body(request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            try:
+                size = int(declared)
+            except ValueError:
+                raise _ApiError(400, "Content-Length is not a number") from None
+            if size > s.max_request_bytes:
+                raise _ApiError(
+                    413,
+                    f"request body of {size} bytes is larger than the limit of "
+                    f"{s.max_request_bytes} bytes (server.max_request_bytes)",
+                    code="request_too_large",
+                )
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > s.max_request_bytes:
+                raise _ApiError(
+                    413,
+                    f"request body is larger than the limit of {s.max_request_bytes} bytes "
+                    "(server.max_request_bytes)",
+                    code="request_too_large",
+                )
+        return bytes(body)
+
+    def parse(body: bytes, content_type: str) -> ChatCompletionRequest:
+        if content_type and "json" not in content_type.lower():
+            raise _ApiError(415, f"Content-Type must be application/json, got {content_type!r}")
+        try:
+            data = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise _ApiError(400, f"the request body is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise _ApiError(400, "the request body must be a JSON object")
+        try:
+            req = ChatCompletionRequest.model_validate(data)
+        except ValidationError as e:
+            raise _validation_error(e) from None
+        if req.n not in (None, 1):
+            raise _ApiError(400, "only n = 1 is supported", param="n")
+        if req.tools or req.functions:
+            raise _ApiError(
+                400,
+                "tool calling is not supported by this server; call the tools in your agent "
+                "and send their results as messages",
+                param="tools",
+            )
+        fmt = (req.response_format or {}).get("type", "text")
+        if fmt != "text":
+            raise _ApiError(
+                400,
+                f"response_format {fmt!r} is not supported; use 'text'",
+                param="response_format",
+            )
+        want = req.max_completion_tokens or req.max_tokens
+        if want is not None and want > s.max_tokens_limit:
+            raise _ApiError(
+                400,
+                f"max_tokens = {want} is larger than this server's limit of {s.max_tokens_limit} "
+                "(server.max_tokens_limit)",
+                param="max_tokens",
+            )
+        if isinstance(req.stop, list) and len(req.stop) > 4:
+            raise _ApiError(400, "at most 4 stop sequences are allowed", param="stop")
+        return req
+
+    def call_kwargs(req: ChatCompletionRequest) -> dict[str, Any]:
+        kw: dict[str, Any] = {}
+        want = req.max_completion_tokens or req.max_tokens
+        if want is not None:
+            kw["max_tokens"] = want
+        if req.temperature is not None:
+            kw["temperature"] = req.temperature
+        if req.stop:
+            kw["stop"] = [req.stop] if isinstance(req.stop, str) else list(req.stop)
+        return kw
+
+    def model_error(e: Exception) -> _ApiError:
+        if isinstance(e, StudentError):
+            return _ApiError(400, str(e), code="context_length_exceeded")
+        if isinstance(e, TeacherUnavailableError):
+            return _ApiError(503, str(e), type="server_error", code="teacher_unavailable")
+        if isinstance(e, UnderstudyError):
+            return _ApiError(500, str(e), type="server_error")
+        logger.exception("the model failed")
+        return _ApiError(500, f"the model failed: {type(e).__name__}: {e}", type="server_error")
+
+    async def enter() -> None:
+        try:
+            await asyncio.wait_for(gate.acquire(), timeout=queue_timeout_s)
+        except TimeoutError:
+            raise _ApiError(
+                503,
+                f"the server is busy ({max_concurrency} requests in progress); retry later",
+                type="server_error",
+                code="overloaded",
+            ) from None
+        metrics.in_flight += 1
+
+    def leave() -> None:
+        metrics.in_flight -= 1
+        gate.release()
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        info: dict[str, Any] = {"status": "ok", "model": name}
+        try:
+            current = getattr(llm, "current_student", None)
+            if current is not None:
+                student = await asyncio.to_thread(current)
+                info["student_version"] = getattr(student, "student_version", None)
+            guard = getattr(llm, "resilient_teacher", None)
+            info["teacher"] = guard.model_name if guard is not None else None
+            info["teacher_state"] = guard.circuit_state if guard is not None else None
+        except UnderstudyError as e:
+            return JSONResponse({"status": "error", "error": str(e)}, status_code=503)
+        return JSONResponse(info)
+
+    @app.get("/metrics")
+    async def prometheus() -> PlainTextResponse:
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        card = {"id": name, "object": "model", "created": created, "owned_by": "understudy"}
+        return JSONResponse({"object": "list", "data": [card]})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        body = await read_body(request)
+        req = parse(body, request.headers.get("content-type", ""))
+        messages = _to_messages(req)
+        kwargs = call_kwargs(req)
+        cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(
+                stream(cid, messages, kwargs, include_usage),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        await enter()
+        t0 = time.perf_counter()
+        try:
+            answer = await llm.ainvoke(messages, **kwargs)
+        except Exception as e:  # noqa: BLE001 - every failure becomes an OpenAI-style error
+            raise model_error(e) from None
+        finally:
+            leave()
+        meta = answer.response_metadata.get("understudy")
+        metrics.observe_completion(time.perf_counter() - t0, meta)
+        payload: dict[str, Any] = {
+            "id": cid,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": name,
+            "system_fingerprint": (meta or {}).get("student_version"),
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": str(answer.content)},
+                    "finish_reason": _finish_reason(answer.response_metadata),
+                    "logprobs": None,
+                }
+            ],
+            "usage": _usage(answer),
+        }
+        if meta is not None:
+            payload["understudy"] = meta
+        headers = {"X-Understudy-Answered-By": str((meta or {}).get("answered_by", "unknown"))}
+        return JSONResponse(payload, headers=headers)
+
+    def sse(obj: Any) -> str:
+        return f"data: {json.dumps(obj, ensure_ascii=False, default=str)}\n\n"
+
+    async def stream(
+        cid: str, messages: list[BaseMessage], kwargs: dict[str, Any], include_usage: bool
+    ) -> AsyncIterator[str]:
+        t0 = time.perf_counter()
+        base = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()),
+                "model": name}  # fmt: skip
+
+        def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
+            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            return sse({**base, "choices": [choice], **extra})
+
+        full: AIMessageChunk | None = None
+        try:
+            await enter()  # inside the generator: a stream that never starts holds no slot
+        except _ApiError as e:
+            yield sse(e.body())
+            yield "data: [DONE]\n\n"
+            return
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            async for piece in llm.astream(messages, **kwargs):
+                full = piece if full is None else full + piece
+                if isinstance(piece.content, str) and piece.content:
+                    yield chunk({"content": piece.content})
+            rm = dict(full.response_metadata) if full is not None else {}
+            meta = rm.get("understudy")
+            metrics.observe_completion(time.perf_counter() - t0, meta)
+            extra = {"understudy": meta} if meta is not None else {}
+            yield chunk({}, _finish_reason(rm), **extra)
+            if include_usage:
+                usage = _usage(full) if full is not None else _usage(AIMessage(""))
+                yield sse({**base, "choices": [], "usage": usage})
+        except Exception as e:  # noqa: BLE001 - the status line is sent: report in-band
+            yield sse(model_error(e).body())
+        finally:
+            leave()
+        yield "data: [DONE]\n\n"
+
+    return app
+
+
+# -- running --------------------------------------------------------------------------------------------
+
+
+def serve(
+    llm: Any,
+    *,
+    settings: ServerSettings | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    log_level: str = "warning",
+) -> None:
+    """Serve ``llm`` with uvicorn until interrupted.
+
+    Raises:
+        ConfigError: ``host`` is not loopback and no API key is set.
+    """
+    import uvicorn
+
+    s = settings or ServerSettings()
+    h = host or s.host
+    key = os.environ.get(s.api_key_env) or None
+    check_bind(h, key, s.api_key_env)
+    app = create_app(llm, settings=s, api_key=key)
+    uvicorn.run(
+        app,
+        host=h,
+        port=s.port if port is None else port,
+        log_level=log_level,
+        timeout_keep_alive=5,
+        h11_max_incomplete_event_size=64 * 1024,
+    )
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+class ServerThread:
+    """Run an app under uvicorn in a background thread (tests, notebooks, benchmarks).
+
+    Args:
+        app: The ASGI app (from :func:`create_app`).
+        host: Bind address (loopback by default).
+        port: TCP port; ``0`` picks a free one.
+
+    Example:
+        >>> with ServerThread(create_app(llm)) as server:  # doctest: +SKIP
+        ...     print(server.base_url)
+        http://127.0.0.1:54321/v1
+    """
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0) -> None:
+        import uvicorn
+
+        self.host = host
+        self.port = port or _free_port(host)
+        config = uvicorn.Config(
+            app, host=host, port=self.port, log_level="warning", timeout_keep_alive=5
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True, name="understudy-serve")
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI ``base_url`` of the running server."""
+        return f"http://{self.host}:{self.port}/v1"
+
+    def start(self, timeout: float = 30.0) -> ServerThread:
+        """Start serving and wait until the socket accepts connections."""
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                msg = f"the server did not start on {self.host}:{self.port}"
+                raise ConfigError(msg)
+            time.sleep(0.02)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ask uvicorn to exit and wait for the thread."""
+        self.server.should_exit = True
+        self.thread.join(timeout)
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
