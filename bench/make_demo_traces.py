@@ -23,9 +23,9 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import bisect
 import json
 import random
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,7 @@ PLAN_ATTRIBUTES: dict[str, dict[str, Any]] = {
     "price": {
         "fact": "The {plan} plan costs {v} EUR a month.",
         "unit": "EUR",
-        "words": ["price", "cost", "costs", "pay", "expensive", "much is", "eur"],
+        "words": ["price", "cost", "pay", "expensive", "much is", "fee", "eur"],
         "questions": [
             "How much does the {plan} plan cost?",
             "What is the price of the {plan} plan?",
@@ -178,6 +178,9 @@ SUFFIXES = ["", "", "", " Thanks!", " Thank you.", " Please tell me.", " I need 
 
 HISTORY_START = datetime(2020, 1, 1, tzinfo=UTC)
 HISTORY_END = datetime(2025, 12, 1, tzinfo=UTC)
+#: The price the demo raises ``price.pro`` to (step 4), and other values traces must show.
+DEMO_NEW_PRICE = 59
+MUST_SEE: dict[str, tuple[int, ...]] = {"price.pro": (DEMO_NEW_PRICE,)}
 #: The current version of every fact: the demo's "today" starts from these values.
 CURRENT_AS_OF = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -245,11 +248,15 @@ def _round_values(lo: int, hi: int, price: bool) -> list[int]:
     return [v for v in range(lo, hi + 1) if round_(v)]
 
 
-def history(key: str, rng: random.Random, versions: int) -> list[tuple[datetime, int]]:
+def history(
+    key: str, rng: random.Random, versions: int, must: Sequence[int] = ()
+) -> list[tuple[datetime, int]]:
     """``versions`` dated values of one fact, oldest first; the last is the current value.
 
-    Most historical values are round (49, 250, 1000: numbers with repeated digits, like the
-    current ones) and half are drawn uniformly, so the student meets every digit pattern.
+    Most historical values are round (49, 250, 5000, like the current ones) and the rest are drawn
+    uniformly. The current value, and any value in ``must``, also held at some earlier time, so the
+    traces show the student those numbers (a student tokenizer trained on the traces then has
+    them as tokens) while the value it must say still changes from trace to trace.
     """
     s = spec(key)
     lo, hi = s["range"]
@@ -257,15 +264,22 @@ def history(key: str, rng: random.Random, versions: int) -> list[tuple[datetime,
     span = (HISTORY_END - HISTORY_START).days
     days = sorted(rng.sample(range(1, span), versions - 2))
     dates = [HISTORY_START] + [HISTORY_START + timedelta(days=d) for d in days]
+    forced = dict(
+        zip(rng.sample(range(len(dates) - 1), len(must) + 1), [s["current"], *must], strict=True)
+    )
     values: list[int] = []
-    for _ in dates:
+    for i in range(len(dates)):
+        if i in forced:
+            values.append(forced[i])
+            continue
         draw = (lambda: rng.choice(rounds)) if rng.random() < 0.6 else (lambda: rng.randint(lo, hi))
         v = draw()
-        while values and v == values[-1]:
+        while v == s["current"] or (values and v == values[-1]):
             v = draw()
         values.append(v)
-    if values[-1] == s["current"]:
-        values[-1] = lo if s["current"] != lo else hi
+    for i in range(1, len(values)):  # no two consecutive versions with the same value
+        if values[i] == values[i - 1]:
+            values[i] = lo if values[i] != lo else hi
     return [*zip(dates, values, strict=True), (CURRENT_AS_OF, s["current"])]
 
 
@@ -280,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
 
     keys = fact_keys()
-    histories = {k: history(k, rng, args.versions) for k in keys}
+    histories = {k: history(k, rng, args.versions, MUST_SEE.get(k, ())) for k in keys}
     company = {
         "company": COMPANY,
         "generated_by": GENERATOR,
@@ -296,6 +310,7 @@ def main(argv: list[str] | None = None) -> None:
             for k in keys
         },
         "questions": QUESTIONS,
+        "price_change": {"key": "price.pro", "value": DEMO_NEW_PRICE},
     }
     (args.out / "company.json").write_text(json.dumps(company, indent=1) + "\n", encoding="utf-8")
 
@@ -310,20 +325,23 @@ def main(argv: list[str] | None = None) -> None:
                 }
                 f.write(json.dumps(row) + "\n")
 
-    span = (CURRENT_AS_OF - HISTORY_START).total_seconds()
+    # Every version of every fact (but the current one) is asked about at least once, then
+    # versions are drawn at random; a trace's date falls inside its version's validity.
+    intervals = [(k, i) for k in keys for i in range(len(histories[k]) - 1)]
+    plan = intervals + [rng.choice(intervals) for _ in range(max(0, args.traces - len(intervals)))]
+    rng.shuffle(plan)
     seen: set[str] = set()
     n = 0
     with open(args.out / "traces.jsonl", "w", encoding="utf-8") as f:
-        while n < args.traces:
-            k = rng.choice(keys)
+        for k, i in plan[: args.traces]:
             s = spec(k)
             q = rng.choice(PREFIXES) + rng.choice(s["questions"]) + rng.choice(SUFFIXES)
-            if q in seen:  # the same question twice would be deduplicated by the job anyway
-                continue
+            while q in seen:  # the same question twice would be deduplicated by the job anyway
+                q = rng.choice(PREFIXES) + rng.choice(s["questions"]) + rng.choice(SUFFIXES)
             seen.add(q)
-            when = HISTORY_START + timedelta(seconds=rng.uniform(0, span - 1))
-            dates = [d for d, _ in histories[k]]
-            _, value = histories[k][bisect.bisect_right(dates, when) - 1]
+            start, value = histories[k][i]
+            end = histories[k][i + 1][0]
+            when = start + timedelta(seconds=rng.uniform(0, (end - start).total_seconds() - 1))
             answer = s["fact"].format(v=value)
             obj = {
                 "messages": [

@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.config} does not exist: run `understudy demo` first or pass --config"
         )
 
+    load_before = os.getloadavg()  # other work on the machine skews the numbers: record it
     port = _free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("UNDERSTUDY_API_KEY", None)
@@ -187,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
             None,
         ),  # fmt: skip
+        "load_average_before": [round(x, 2) for x in load_before],
         "machine": machine(),
     }
     out = save("server_load", result)

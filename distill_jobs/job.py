@@ -465,7 +465,7 @@ class DistillJob:
                 serving_student = ChatStudent(
                     model_path=serving.path,
                     n_ctx=self._n_ctx(),
-                n_threads=self.config.training.threads,
+                    n_threads=self.config.training.threads,
                     max_tokens=self._max_answer_tokens(held),
                     system_prompt=self.config.system,
                 )

@@ -98,15 +98,17 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from langchain_understudy.plugin.loader import resolve_config
-    from langchain_understudy.plugin.server import serve
+    import os
+
+    from langchain_understudy.plugin.loader import load_understudy, resolve_config
+    from langchain_understudy.plugin.server import check_bind, serve
 
     cfg = resolve_config(args.config)
-    from langchain_understudy.plugin.loader import load_understudy
-
-    llm = load_understudy(cfg)
     host = args.host or cfg.server.host
     port = cfg.server.port if args.port is None else args.port
+    # refuse an unsafe bind before spending time loading models
+    check_bind(host, os.environ.get(cfg.server.api_key_env), cfg.server.api_key_env)
+    llm = load_understudy(cfg)
     guard = getattr(llm, "resilient_teacher", None)
     teacher = guard.model_name if guard is not None else "none (everything answered locally)"
     print(f"understudy serving on http://{host}:{port}/v1  (teacher: {teacher})", flush=True)

@@ -62,7 +62,6 @@ __all__ = [
 #: The bundled data: ``company.json``, ``facts.jsonl``, ``traces.jsonl``.
 DATA_DIR = Path(__file__).resolve().parent / "demo_data"
 _MARKER = ".understudy-demo"
-_NEW_PRO_PRICE = 59
 
 
 @dataclass(frozen=True)
@@ -87,14 +86,14 @@ class DemoSettings:
     """
 
     traces: int = 1600
-    epochs: float = 8.0
-    max_minutes: float = 2.5
+    epochs: float = 10.0
+    max_minutes: float = 3.0
     hidden: int = 64
     layers: int = 2
     ffn: int = 128
-    vocab_size: int = 1200
-    learning_rate: float = 5e-3
-    batch_size: int = 16
+    vocab_size: int = 1500
+    learning_rate: float = 6e-3
+    batch_size: int = 32
     k: int = 1
     min_exact_match: float = 0.5
     phrasings: int = 8
@@ -679,23 +678,25 @@ class _Demo:
 
     # 4 ----------------------------------------------------------------------------------------
     def price_change(self, llm: Any, store: Any) -> None:
-        self.step(4, "Raising a price in the store: the student's answer changes, no retraining")
-        question = self.company["questions"][0]["turns"][0]
+        self.step(4, "Changing a price in the store: the student's answer follows, no retraining")
+        key = self.company["price_change"]["key"]
+        value = self.company["price_change"]["value"]
+        question = self.company["facts"][key]["questions"][0]
         before = next((r for r in self.result.rows if r.question == question), None)
         if before is None:
-            before = self.ask(llm, [], question, "price.pro", store, 1)
-        old = store.get_by_ids(["price.pro"])[0]
-        new_text = f"The Pro plan costs {_NEW_PRO_PRICE} EUR a month."
+            before = self.ask(llm, [], question, key, store, 1)
+        old = store.get_by_ids([key])[0]
+        new_text = self.company["facts"][key]["fact"].format(v=value)
         # Dated like every other fact (a day, no time), and after the current version even when
         # this machine's clock is behind the bundled data.
         day = max(datetime.now(UTC).date(), date.fromisoformat(str(old.metadata["as_of"])[:10]))
         if day.isoformat() == str(old.metadata["as_of"])[:10]:
             day += timedelta(days=1)
         store.upsert([new_text], [{"as_of": day.isoformat(), "source": "fernhill-demo"}],
-                     ids=["price.pro"])  # fmt: skip
-        after = self.ask(llm, [], question, "price.pro", store, 1)
+                     ids=[key])  # fmt: skip
+        after = self.ask(llm, [], question, key, store, 1)
         version = after.meta.get("student_version")
-        self.say(f"  price.pro: {old.page_content!r} (as of {old.metadata.get('as_of')})")
+        self.say(f"  {key}: {old.page_content!r} (as of {old.metadata.get('as_of')})")
         self.say(f"        now: {new_text!r} (as of {day.isoformat()})")
         self.say(
             format_table(
@@ -713,8 +714,8 @@ class _Demo:
         )
         self.result.before, self.result.after = before, after
         if after.answered_by == "student" and after.correct:
-            self.say(f"  the same student ({version}) now says {_NEW_PRO_PRICE} EUR: it copies the "
-                     "fact it is shown instead of remembering the price")  # fmt: skip
+            self.say(f"  the same student ({version}) now says {value}: it copies the fact it is "
+                     "shown instead of remembering it")  # fmt: skip
         else:
             self.result.problems.append(
                 f"after the price change the answer was {after.answer!r} from {after.answered_by}"
@@ -860,7 +861,7 @@ class _Demo:
         b, a = self.result.before, self.result.after
         change = (
             f"<p>Before: <b>{esc(b.answer)}</b> ({esc(b.answered_by)}). After raising the price "
-            f"to {_NEW_PRO_PRICE} EUR in the store: <b>{esc(a.answer)}</b> "
+            f"to {esc(self.company['price_change']['value'])} in the store: <b>{esc(a.answer)}</b> "
             f"({esc(a.answered_by)}, student {esc(a.meta.get('student_version'))}), no "
             "retraining.</p>"
             if a is not None and b is not None

@@ -109,10 +109,11 @@ class TestStudentToolIntegration(ToolsIntegrationTests):
 
 
 def test_knowledge_search_time_travel(store: KnowledgeStore) -> None:
-    tool = KnowledgeSearchTool(store=store, k=1)
-    assert "49 EUR" in tool.invoke({"query": "Pro plan price"})
+    tool = KnowledgeSearchTool(store=store, k=2)  # both current facts (fake embeddings)
+    now = tool.invoke({"query": "Pro plan price"})
+    assert "49 EUR" in now and "39 EUR" not in now
     old = tool.invoke({"query": "Pro plan price", "as_of": "2025-06-01"})
-    assert "39 EUR" in old and "as of 2025-01-01" in old
+    assert "39 EUR" in old and "as of 2025-01-01" in old and "Refunds" not in old
 
 
 def test_student_tool_output_follows_the_schema(json_student: ChatStudent) -> None:
@@ -173,7 +174,7 @@ def test_agent_calls_the_tools_and_sees_their_results(
     tools = UnderstudyToolkit(llm=understudy, knowledge=store, students=[color_tool]).get_tools()
     model = ScriptedToolCaller(
         script=[
-            [{"name": "knowledge_search", "args": {"query": "Pro plan price"}}],
+            [{"name": "knowledge_search", "args": {"query": "Pro plan price", "k": 2}}],
             [
                 {
                     "name": "ask_understudy",
@@ -191,7 +192,7 @@ def test_agent_calls_the_tools_and_sees_their_results(
     tool_msgs = [m for m in msgs if isinstance(m, ToolMessage)]
     assert [m.name for m in tool_msgs] == ["knowledge_search", "ask_understudy", "color_of"]
     assert "price.pro" in tool_msgs[0].content and "49 EUR" in tool_msgs[0].content
-    assert tool_msgs[0].artifact[0].id == "price.pro"
+    assert "price.pro" in [d.id for d in tool_msgs[0].artifact]
     assert "[answered by the local student" in tool_msgs[1].content
     assert tool_msgs[1].artifact["answered_by"] == "student"
     assert json.loads(tool_msgs[2].content)["color"] in COLORS

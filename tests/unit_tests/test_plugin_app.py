@@ -12,6 +12,7 @@ from langchain_core.language_models import FakeListChatModel
 from langchain_core.messages import AIMessage, HumanMessage
 
 from langchain_understudy.config import load_config
+from langchain_understudy.errors import ConfigError
 from langchain_understudy.plugin import _cli_app
 from langchain_understudy.plugin.chat_repl import ChatREPL
 from langchain_understudy.plugin.demo import StandInTeacher, load_company
@@ -58,6 +59,16 @@ def test_every_starter_field_is_a_real_setting(
     cfg = load_config(path)
     assert cfg.teacher.calls_per_minute == 60 and cfg.student.n_threads == 4
     assert cfg.router.threshold == 0.25  # the environment wins over the file
+
+
+def test_serve_refuses_a_public_address_without_a_key(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("UNDERSTUDY_API_KEY", raising=False)
+    (tmp_path / "u.toml").write_text('[student]\nregistry = "nothing-here"\n')
+    # refused before any model is loaded (the registry here is empty)
+    with pytest.raises(ConfigError, match="refusing to listen on '0.0.0.0'"):
+        _cli(["serve", "--config", str(tmp_path / "u.toml"), "--host", "0.0.0.0"])
 
 
 def _store(tmp_path: Path) -> KnowledgeStore:
@@ -121,3 +132,23 @@ def test_stand_in_teacher_resolves_follow_ups(tmp_path: Path) -> None:
     assert t.resolve_key([HumanMessage("How long is the free trial?")]) == "policy.trial"
     assert "can only help" in str(t.invoke("Write a poem about the sea.").content)
     assert "stand-in" in t.model_name and "not an LLM" in t.model_name
+
+
+def make_fake_teacher() -> FakeListChatModel:
+    return FakeListChatModel(responses=["The Pro plan costs 49 EUR a month."])
+
+
+def test_demo_uses_a_configured_teacher_grounded_in_the_facts(tmp_path: Path) -> None:
+    from langchain_understudy.plugin.demo import QUICK, _Demo
+
+    store = _store(tmp_path)
+    cfg = tmp_path / "understudy.toml"
+    cfg.write_text(
+        f'[teacher]\nkind = "import"\nfactory = "{Path(__file__).stem}:make_fake_teacher"\n'
+    )
+    demo = _Demo(tmp_path / "d", QUICK, cfg, None, io.StringIO(), False)
+    teacher, kind = demo.teacher(store)
+    assert kind == "real" and teacher.model_name == "fake-list-chat-model"
+    assert teacher.invoke("How much is Pro?").content == "The Pro plan costs 49 EUR a month."
+    cfg.write_text('[teacher]\nkind = "none"\n')
+    assert demo.teacher(store)[1] == "stand-in"

@@ -71,8 +71,8 @@ def test_completion_has_the_openai_shape_and_routing_metadata() -> None:
 
 
 def test_text_parts_and_system_roles_are_accepted() -> None:
-    msgs = [{"role": "developer", "content": "be brief"},
-            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]  # fmt: skip
+    parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
+    msgs = [{"role": "developer", "content": "be brief"}, {"role": "user", "content": parts}]
     resp = _client().post("/v1/chat/completions", json=_chat(messages=msgs))
     assert resp.json()["choices"][0]["message"]["content"] == "echo: ab"
 
