@@ -25,7 +25,7 @@ SIZES = {
     "30M": {"hidden": 512, "layers": 8, "heads": 8, "kv_heads": 4, "ffn": 1536, "vocab": 8192},
 }
 QUANTS = ("F16", "Q8_0", "Q4_K_M")
-N_DECODE = 64
+N_DECODE = 256
 THREADS = 2
 
 
