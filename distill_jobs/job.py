@@ -28,7 +28,7 @@ from langchain_understudy.distill_jobs.dataset import (
 )
 from langchain_understudy.distill_jobs.scratch import ScratchSize
 from langchain_understudy.errors import ConfigError, UnderstudyError
-from langchain_understudy.prompting import Fact
+from langchain_understudy.prompting import Fact, document_to_fact
 
 __all__ = ["DistillConfig", "DistillJob", "JobLockedError", "JobResult"]
 
@@ -310,7 +310,7 @@ class DistillJob:
                     docs = store.similarity_search_by_vector(vec, k=k + 1)
                     # a fact derived from this very trace would leak the answer: skip it
                     docs = [d for d in docs if d.metadata.get("source_key") != key][:k]
-                    out.append([_fact(d) for d in docs])
+                    out.append([document_to_fact(d) for d in docs])
             return out
 
         return lookup
@@ -577,11 +577,6 @@ class DistillJob:
         out = run_dir / "ood_index.npy"
         np.save(out, vecs, allow_pickle=False)
         return out
-
-
-def _fact(doc: Any) -> Fact:
-    as_of = doc.metadata.get("as_of")
-    return Fact(doc.page_content, key=doc.id, as_of=_iso(as_of) if as_of else None)
 
 
 def _teacher_model(traces: Sequence[Any]) -> str:

@@ -29,7 +29,9 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import date, datetime
 
+from langchain_core.documents import Document
 from langchain_core.messages import (
     AIMessage,
     BaseMessage,
@@ -45,6 +47,7 @@ __all__ = [
     "ROLE_MARKERS",
     "SPECIAL_TOKENS",
     "Fact",
+    "document_to_fact",
     "message_text",
     "render_answer",
     "render_prompt",
@@ -81,6 +84,18 @@ class Fact:
     text: str
     key: str | None = None
     as_of: str | None = None
+
+
+def document_to_fact(doc: Document) -> Fact:
+    """Turn a retrieved LangChain ``Document`` into the :class:`Fact` a prompt shows.
+
+    Key = the document's id, ``as_of`` in ISO-8601. Training (the distillation job) and serving
+    (the router) both call this, so the student sees facts written one way.
+    """
+    as_of = doc.metadata.get("as_of") if doc.metadata else None
+    if isinstance(as_of, (datetime, date)):
+        as_of = as_of.isoformat()
+    return Fact(text=doc.page_content, key=doc.id, as_of=str(as_of) if as_of else None)
 
 
 def message_text(message: BaseMessage) -> str:

@@ -284,8 +284,8 @@ class AsOfFactsJob(DistillJob):
 
     def _fact_lookup(self) -> FactLookup | None:
         from langchain_understudy.distill_jobs.traces import TraceStore
+        from langchain_understudy.prompting import document_to_fact
         from langchain_understudy.retrieval import KnowledgeStore
-        from langchain_understudy.router.signals import document_to_fact
 
         if self.config.knowledge.path is None:
             return None

@@ -28,7 +28,6 @@ import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -36,7 +35,7 @@ import numpy as np
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
 
 from langchain_understudy.errors import ArtifactError, ConfigError
-from langchain_understudy.prompting import Fact, message_text, render_prompt
+from langchain_understudy.prompting import Fact, document_to_fact, message_text, render_prompt
 
 if TYPE_CHECKING:
     from langchain_core.documents import Document
@@ -288,22 +287,6 @@ class RoutingContext:
 
 def _is_user(m: BaseMessage) -> bool:
     return isinstance(m, HumanMessage) or m.type == "human" or getattr(m, "role", None) == "user"
-
-
-def document_to_fact(doc: Document) -> Fact:
-    """Turn a retrieved LangChain ``Document`` into a prompt :class:`Fact`.
-
-    Written exactly as the distillation job writes training facts (key = document id, ``as_of``
-    in ISO-8601), so the student sees in service what it saw in training.
-    """
-    as_of = doc.metadata.get("as_of") if doc.metadata else None
-    if isinstance(as_of, (datetime, date)):
-        as_of = as_of.isoformat()
-    return Fact(
-        text=doc.page_content,
-        key=doc.id,
-        as_of=str(as_of) if as_of else None,
-    )
 
 
 # -- signals ---------------------------------------------------------------------------------------

@@ -67,13 +67,15 @@ def test_wheel_installs_into_a_throwaway_venv(tmp_path: Path) -> None:
         "import langchain_understudy as lu, importlib;"
         f"mods=[importlib.import_module('langchain_understudy.'+m) for m in {SUBPACKAGES!r}];"
         "import langchain_understudy.plugin.cli as cli;"
-        "print(lu.__file__); print(lu.__version__); print(cli.main(['--version']) if False else 'ok')"
+        "print(lu.__file__); print(lu.__version__);"
+        "print(cli.build_parser().prog)"
     )
     out = subprocess.run(
         [str(py), "-c", code], cwd=tmp_path, check=True, capture_output=True, text=True
     ).stdout
     assert str(site) in out.splitlines()[0]
     assert out.splitlines()[1] == "0.1.0"
+    assert out.splitlines()[2] == "understudy"  # the CLI's subcommand modules all import
     assert (site / "langchain_understudy" / "py.typed").exists()
 
 
