@@ -1,12 +1,18 @@
 # Two commands do everything on a fresh clone: `make demo` and `make test`.
 # Both create .venv/ on first use. torch is pinned to the CPU build first so pip never resolves a
-# CUDA build; llama-cpp-python is compiled from source once and then reused from pip's wheel cache.
+# CUDA build; llama-cpp-python is compiled from source once (see WHEELS) and then reused.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
-# llama.cpp parts this project never uses are switched off to shorten the source build.
-export CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF
+# llama.cpp is built once per version and build flags into a wheel kept outside the clone (pip's own
+# wheel cache ignores CMAKE_ARGS, so it could serve a wheel built with other flags). The build is
+# portable (AVX2/FMA/F16C, GGML_NATIVE off): a native build enables AMX kernels on CPUs that report
+# AMX, and where the kernel or hypervisor does not grant AMX the Q8_0 path dies with SIGILL.
+# Parts this project never uses are switched off to shorten the build.
+LLAMA_CPP_VERSION := 0.3.36
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF
+WHEELS := $(HOME)/.cache/langchain-understudy/wheels/$(shell echo '$(LLAMA_CPP_VERSION) $(CMAKE_ARGS)' | cksum | cut -d' ' -f1)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -19,6 +25,10 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade "pip>=24" setuptools wheel
 	$(PY) -m pip install "torch==2.13.0"
+	ls $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || \
+		$(PY) -m pip wheel --no-deps --no-cache-dir --no-binary llama-cpp-python \
+			"llama-cpp-python==$(LLAMA_CPP_VERSION)" -w $(WHEELS)
+	$(PY) -m pip install --no-deps --force-reinstall $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
 	$(PY) -m pip install -e ".[dev,server]"
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)

@@ -41,7 +41,9 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=8.0)
     ap.add_argument("--work", type=Path, default=Path("bench/out/dstc8"))
     ap.add_argument("--fresh", action="store_true")
-    ap.add_argument("--threads", type=int, default=None, help="CPU threads for training and evaluation")
+    ap.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for training and evaluation"
+    )
     ap.add_argument("--resume", action="store_true", help="continue the last interrupted job run")
     args = ap.parse_args()
 

@@ -177,7 +177,10 @@ def main(argv: list[str] | None = None) -> int:
         "--knowledge", type=Path, help="KnowledgeStore folder whose facts the student reads"
     )
     ap.add_argument(
-        "--k", type=int, default=5, help="facts per prompt (as the student was trained)"
+        "--k",
+        type=int,
+        default=None,
+        help="facts per prompt (default: as the registered student was trained)",
     )
     ap.add_argument(
         "--ood-index", type=Path, help="ood_index.npy (default: the registry version's)"
@@ -224,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         "n_instances": max(1, args.workers),
     }
     ood: Any = args.ood_index
+    trained_facts: dict[str, Any] = {}
     if args.gguf:
         student = ChatStudent(model_path=args.gguf, **opts)
         student_label = str(args.gguf)
@@ -234,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"no student is promoted in {args.registry}; pass --version or --gguf")
         student = ChatStudent(model_path=v.path, student_version=v.version, **opts)
         student_label = f"{args.registry} {v.version}"
+        trained_facts = dict(v.provenance.get("facts") or {})
         if ood is None and "ood_index.npy" in v.files:
             ood = v.artifact("ood_index.npy")
     ood_source = str(ood) if ood else None
@@ -262,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         router=Router(),
         mode="auto",
         ood_index=ood,
-        k=args.k,
+        **{**trained_facts, **({"k": args.k} if args.k else {})},
     )
     llm.inspect(
         single_items(splits["cal"][:1], args.system)[0].messages

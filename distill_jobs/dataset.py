@@ -6,6 +6,7 @@ import hashlib
 import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
@@ -21,9 +22,10 @@ __all__ = [
     "split_examples",
 ]
 
-#: ``lookup(conversations, keys) -> facts per conversation``, batched so embeddings are batched;
-#: a fact whose ``source_key`` metadata equals the conversation's key must not be returned.
-FactLookup = Callable[[Sequence[Sequence[BaseMessage]], Sequence[str]], list[list[Fact]]]
+#: ``lookup(examples) -> facts per example``, batched so embeddings are batched. A fact whose
+#: ``source_key`` metadata equals the example's key must not be returned (it would leak the
+#: answer); ``example.created_at`` says when the teacher answered, for facts as of that time.
+FactLookup = Callable[[Sequence["Example"]], list[list[Fact]]]
 
 
 @dataclass
@@ -38,6 +40,7 @@ class Example:
         prompt: The rendered prompt, exactly as the student sees it when serving.
         target: The rendered answer the student is trained to produce.
         metadata: The trace's metadata.
+        created_at: When the teacher answered, if known.
     """
 
     key: str
@@ -47,6 +50,7 @@ class Example:
     prompt: str = ""
     target: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
+    created_at: datetime | None = None
 
 
 def conversation_key(messages: Sequence[BaseMessage]) -> str:
@@ -74,7 +78,8 @@ def build_examples(
     """Turn (conversation, teacher answer, metadata) triples into deduplicated examples.
 
     Conversations that appear more than once keep their latest answer. Empty, overlong or failed
-    answers are dropped. Prompts are built by :func:`~langchain_understudy.prompting.render_prompt`,
+    answers are dropped. A ``created_at`` entry in the metadata (a ``datetime``) is moved to
+    :attr:`Example.created_at`. Prompts are built by :func:`~langchain_understudy.prompting.render_prompt`,
     the same function the student serves with.
 
     Returns:
@@ -96,10 +101,18 @@ def build_examples(
         key = conversation_key(messages)
         if key in by_key:
             dropped["duplicate"] += 1
-        by_key[key] = Example(key=key, messages=list(messages), answer=text, metadata=dict(meta))
+        meta = dict(meta)
+        created = meta.pop("created_at", None)
+        by_key[key] = Example(
+            key=key,
+            messages=list(messages),
+            answer=text,
+            metadata=meta,
+            created_at=created if isinstance(created, datetime) else None,
+        )
     examples = list(by_key.values())
     if facts is not None and examples:
-        found = facts([ex.messages for ex in examples], [ex.key for ex in examples])
+        found = facts(examples)
         for ex, fs in zip(examples, found, strict=True):
             ex.facts = fs
     for ex in examples:

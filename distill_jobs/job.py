@@ -18,7 +18,7 @@ from typing import Any, Literal
 from filelock import FileLock, Timeout
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from langchain_understudy.config import QuantType
+from langchain_understudy.config import FactSelection, QuantType, TeacherSettings
 from langchain_understudy.distill_jobs.dataset import (
     Example,
     FactLookup,
@@ -28,9 +28,9 @@ from langchain_understudy.distill_jobs.dataset import (
 )
 from langchain_understudy.distill_jobs.scratch import ScratchSize
 from langchain_understudy.errors import ConfigError, UnderstudyError
-from langchain_understudy.prompting import Fact, document_to_fact
+from langchain_understudy.prompting import Fact, select_facts
 
-__all__ = ["DistillConfig", "DistillJob", "JobLockedError", "JobResult"]
+__all__ = ["DistillConfig", "DistillJob", "JobLockedError", "JobResult", "RelabelSection"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,13 +39,14 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class KnowledgeSection(_Section):
-    """Facts attached to each example's prompt, exactly as at serving time."""
+class KnowledgeSection(FactSelection):
+    """Facts attached to each example's prompt, chosen and written exactly as at serving time."""
 
     path: Path | None = None
     """Knowledge store folder; ``None``: no facts."""
-    k: int = Field(default=4, ge=1, le=64)
-    """Facts per example."""
+    as_of: Literal["trace", "now"] = "trace"
+    """``trace``: each prompt carries the facts as they stood when the teacher answered it (what
+    the teacher saw; traces older than the store get its oldest facts); ``now``: current facts."""
 
 
 class StudentSection(_Section):
@@ -114,6 +115,19 @@ class GateSection(_Section):
     """Promote when the gate passes (``False``: register only)."""
 
 
+class RelabelSection(_Section):
+    """Optional teacher relabelling before the dataset is built (needs ``[teacher]``)."""
+
+    mode: Literal["off", "missing", "all"] = "off"
+    """``missing``: answer prompts that have none (imported with ``--unanswered``, or failed
+    calls); ``all``: every prompt the configured teacher has not answered yet; ``off``: never."""
+    max_concurrency: int = Field(default=4, ge=1, le=256)
+    """Teacher calls in flight at once."""
+    max_calls: int | None = Field(default=None, ge=1)
+    """Budget of teacher calls per run, retries included (``None``: no limit); what is left is
+    asked on the next run."""
+
+
 class DistillConfig(_Section):
     """A distillation job, usually loaded from TOML with :meth:`from_toml`.
 
@@ -157,6 +171,11 @@ class DistillConfig(_Section):
     """Export and quantization."""
     gate: GateSection = Field(default_factory=GateSection)
     """Promotion gate."""
+    teacher: TeacherSettings = Field(default_factory=TeacherSettings)
+    """The teacher asked by ``[relabel]`` (same table as in ``understudy.toml``; its retry and
+    backoff settings apply)."""
+    relabel: RelabelSection = Field(default_factory=RelabelSection)
+    """Teacher relabelling."""
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike[str]) -> DistillConfig:
@@ -174,7 +193,11 @@ class DistillConfig(_Section):
         for key in ("traces", "registry", "work_dir"):
             if key in data:
                 data[key] = str(base / Path(data[key]).expanduser())
-        for section, key in (("knowledge", "path"), ("student", "base_checkpoint")):
+        for section, key in (
+            ("knowledge", "path"),
+            ("student", "base_checkpoint"),
+            ("teacher", "path"),
+        ):
             if data.get(section, {}).get(key):
                 data[section][key] = str(base / Path(data[section][key]).expanduser())
         try:
@@ -233,10 +256,16 @@ class DistillJob:
     """
 
     def __init__(
-        self, config: DistillConfig, *, progress: bool = True, embeddings: Any = None
+        self,
+        config: DistillConfig,
+        *,
+        progress: bool = True,
+        embeddings: Any = None,
+        teacher: Any = None,
     ) -> None:
         self.config = config
         self.embeddings = embeddings
+        self.teacher = teacher
         self.progress = progress
         self.work_dir = Path(config.work_dir)
 
@@ -293,24 +322,39 @@ class DistillJob:
         return max(found) if found else None
 
     def _fact_lookup(self) -> FactLookup | None:
-        if self.config.knowledge.path is None:
+        kn = self.config.knowledge
+        if kn.path is None:
             return None
         from langchain_understudy.retrieval import KnowledgeStore
 
-        store = KnowledgeStore(self.config.knowledge.path, self.embeddings, create=False)
-        k = self.config.knowledge.k
+        store = KnowledgeStore(kn.path, self.embeddings, create=False)
+        oldest = store.stats().oldest_valid_from
+        fetch = kn.fetch_count() + 1
 
-        def lookup(convs: Sequence[Sequence[Any]], keys: Sequence[str]) -> list[list[Fact]]:
+        def when(ex: Example) -> datetime | None:
+            if kn.as_of == "now" or ex.created_at is None:
+                return None
+            t = ex.created_at if ex.created_at.tzinfo else ex.created_at.replace(tzinfo=UTC)
+            # before the store's first fact nothing was recorded: the oldest facts stand in
+            return max(t, oldest) if oldest is not None else t
+
+        def lookup(examples: Sequence[Example]) -> list[list[Fact]]:
             out: list[list[Fact]] = []
             step = 512
-            for start in range(0, len(convs), step):
-                texts = [last_user_text(c) for c in convs[start : start + step]]
-                vectors = store.embeddings.embed_documents(texts)
-                for vec, key in zip(vectors, keys[start : start + step], strict=True):
-                    docs = store.similarity_search_by_vector(vec, k=k + 1)
+            for start in range(0, len(examples), step):
+                batch = examples[start : start + step]
+                vectors = store.embeddings.embed_documents(
+                    [last_user_text(ex.messages) for ex in batch]
+                )
+                for vec, ex in zip(vectors, batch, strict=True):
+                    docs = store.similarity_search_by_vector(vec, k=fetch, as_of=when(ex))
                     # a fact derived from this very trace would leak the answer: skip it
-                    docs = [d for d in docs if d.metadata.get("source_key") != key][:k]
-                    out.append([document_to_fact(d) for d in docs])
+                    docs = [d for d in docs if d.metadata.get("source_key") != ex.key]
+                    out.append(
+                        select_facts(
+                            docs, kn.k, distinct_by=kn.distinct_by, details=kn.fact_details
+                        )
+                    )
             return out
 
         return lookup
@@ -319,7 +363,15 @@ class DistillJob:
         self, run_dir: Path, traces: list[Any]
     ) -> tuple[list[Example], list[Example], dict[str, int]]:
         pairs = [
-            (t.messages, t.answer, {**(t.metadata or {}), "error": getattr(t, "error", None)})
+            (
+                t.messages,
+                t.answer,
+                {
+                    **(t.metadata or {}),
+                    "error": getattr(t, "error", None),
+                    "created_at": getattr(t, "created_at", None),
+                },
+            )
             for t in traces
         ]
         examples, dropped = build_examples(
@@ -378,9 +430,43 @@ class DistillJob:
         finally:
             lock.release()
 
+    def _relabel(self) -> dict[str, Any] | None:
+        cfg = self.config.relabel
+        if cfg.mode == "off":
+            return None
+        if self.teacher is None:
+            msg = (
+                f"relabel.mode = {cfg.mode!r} needs a teacher: set [teacher] in the job config "
+                "(understudy distill run builds it) or pass DistillJob(..., teacher=model)"
+            )
+            raise ConfigError(msg)
+        from tqdm import tqdm
+
+        from langchain_understudy.distill_jobs.relabel import relabel_traces
+        from langchain_understudy.distill_jobs.traces import TraceStore
+
+        t = self.config.teacher
+        with tqdm(desc="relabel (teacher)", unit="prompt", disable=not self.progress) as bar:
+            report = relabel_traces(
+                TraceStore(self.config.traces),
+                self.teacher,
+                mode=cfg.mode,
+                max_concurrency=cfg.max_concurrency,
+                max_calls=cfg.max_calls,
+                max_retries=t.max_retries,
+                backoff_s=t.backoff_s,
+                max_backoff_s=t.max_backoff_s,
+                progress=bar.update,
+            )
+        logger.info("relabelling: %s", report.summary())
+        return report.summary()
+
     def _run_locked(self, resume: bool) -> JobResult:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
+        relabelled = self._relabel()
+        if relabelled is not None:
+            timings["relabel"] = time.perf_counter() - t0
         traces, snapshot, until = self._traces()
         if not traces:
             return JobResult("skipped", "no new traces since the last build")
@@ -493,6 +579,7 @@ class DistillJob:
             "final_loss": result.final_loss,
             "n_params": result.n_params,
             "dropped": dropped,
+            "relabel": relabelled,
             "gate": {"passed": passed, "reason": reason},
         }
         provenance = {
@@ -508,6 +595,13 @@ class DistillJob:
             "config": json.loads(self.config.model_dump_json()),
             "system": self.config.system,
             "n_ctx": self._n_ctx(),
+            "facts": (
+                self.config.knowledge.model_dump(
+                    include={"k", "distinct_by", "fetch_k", "fact_details"}
+                )
+                if self.config.knowledge.path is not None
+                else None
+            ),
         }
         report = {
             "metrics": metrics,
@@ -580,7 +674,14 @@ class DistillJob:
 
 
 def _teacher_model(traces: Sequence[Any]) -> str:
-    names = Counter(str(getattr(t, "model", None) or "unknown") for t in traces)
+    """The model that gave most of the answers trained on (prompts awaiting one do not count)."""
+    from langchain_understudy.prompting import message_text
+
+    names = Counter(
+        str(getattr(t, "model", None) or "unknown")
+        for t in traces
+        if not getattr(t, "error", None) and (message_text(t.answer) or t.answer.tool_calls)
+    )
     return names.most_common(1)[0][0] if names else "unknown"
 
 

@@ -43,19 +43,29 @@ def build_tokenizer(
     vocab_size: int = 4096,
     min_frequency: int = 2,
 ) -> Any:
-    """Train a GPT-2-style byte-level BPE tokenizer and save it as a fast HF tokenizer.
+    """Train a byte-level BPE tokenizer and save it as a fast HF tokenizer.
 
-    The prompt format's role markers and end marker are single special tokens; ``<|end|>`` is the
-    end-of-sequence token, so llama.cpp stops on it natively.
+    Text is split before BPE with Qwen2's pre-tokenizer regex (llama.cpp's ``qwen2``), which keeps
+    every digit a token of its own: a small student then copies numbers it has never seen (prices,
+    times, counts) digit by digit instead of needing a merged token for each. The prompt format's
+    role markers and end marker are single special tokens; ``<|end|>`` is the end-of-sequence
+    token, so llama.cpp stops on it natively.
 
     Returns:
         The ``PreTrainedTokenizerFast``.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    from langchain_understudy.students.export import QWEN2_SPLIT_REGEX
+
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

@@ -65,6 +65,8 @@ if TYPE_CHECKING:
     from langchain_understudy.distill_jobs.redact import Redactor
 
 __all__ = [
+    "RELABELLED",
+    "UNANSWERED",
     "ImportReport",
     "ModelStats",
     "Trace",
@@ -74,6 +76,10 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
+#: Tag of a prompt imported without the teacher's answer (it awaits relabelling).
+UNANSWERED = "unanswered"
+#: Tag of an answer obtained by relabelling (its ``metadata["relabel_of"]`` names the source).
+RELABELLED = "relabelled"
 _SNAPSHOT_PREFIX = "understudy-traces-v1"
 #: Metadata keys of the JSONL format that map to :class:`Trace` fields.
 _FIELD_KEYS = (
@@ -312,12 +318,15 @@ class Trace:
         return out
 
     @classmethod
-    def from_openai(cls, obj: Any) -> Trace:
+    def from_openai(cls, obj: Any, *, unanswered: bool = False) -> Trace:
         """Build a trace from one line of the OpenAI chat fine-tuning format.
 
         The last message must be the assistant's answer; ``system``/``developer``, ``user``,
         ``assistant`` (with ``tool_calls``) and ``tool`` roles are accepted. Without an ``id`` in
         the metadata, the id is derived from the content and metadata.
+
+        With ``unanswered=True`` a line may end without the assistant's answer: it becomes a
+        prompt awaiting one (empty answer, tag ``"unanswered"``) for teacher relabelling.
 
         Raises:
             TraceError: the object is not in that format; the message names the bad field.
@@ -330,13 +339,16 @@ class Trace:
             msg = "'messages' must be a non-empty list of {'role': ..., 'content': ...} objects"
             raise TraceError(msg)
         messages = [_message_from_openai(m, f"messages[{i}]") for i, m in enumerate(raw)]
-        if raw[-1]["role"] != "assistant":
+        awaiting = unanswered and raw[-1]["role"] != "assistant"
+        if awaiting:
+            messages.append(AIMessage(content=""))
+        elif raw[-1]["role"] != "assistant":
             msg = (
                 f"the last message must be the assistant's answer, got role {raw[-1]['role']!r}; "
                 "drop prompts without an answer or add the teacher's reply"
             )
             raise TraceError(msg)
-        if len(raw) < 2:
+        if len(messages) < 2:
             msg = "there is no prompt before the assistant's answer; add the user's message"
             raise TraceError(msg)
         meta = obj.get("metadata", {})
@@ -354,6 +366,8 @@ class Trace:
         fields = _fields_from_metadata(meta)
         answer = _as_ai_message(messages[-1])
         trace = cls(messages=list(messages[:-1]), answer=answer, metadata=meta, **fields)
+        if awaiting:
+            trace.tags = list(dict.fromkeys([*trace.tags, UNANSWERED]))
         if "id" not in fields:
             trace.id = trace._derived_id()
         return trace
@@ -931,6 +945,7 @@ class TraceStore:
         tags: Sequence[str] | None = None,
         batch_size: int = 1000,
         progress: Callable[[int], None] | None = None,
+        unanswered: bool = False,
     ) -> ImportReport:
         """Import an OpenAI chat fine-tuning JSONL file.
 
@@ -944,6 +959,8 @@ class TraceStore:
             tags: Tags added to every imported trace.
             batch_size: Lines per transaction.
             progress: Called with the number of bytes read since the previous call.
+            unanswered: Accept lines without the assistant's answer as prompts awaiting one
+                (tagged ``"unanswered"``; a distillation job with ``[relabel]`` asks the teacher).
 
         Raises:
             TraceError: the file cannot be opened, or the store cannot be written.
@@ -976,7 +993,7 @@ class TraceStore:
                     continue
                 report.lines += 1
                 try:
-                    trace = _parse_line(raw, redactor, tags)
+                    trace = _parse_line(raw, redactor, tags, unanswered)
                 except TraceError as e:
                     report.errors.append(f"line {lineno}: {e}")
                     continue
@@ -993,7 +1010,9 @@ class TraceStore:
         return report
 
 
-def _parse_line(raw: bytes, redactor: Redactor | None, tags: Sequence[str] | None) -> Trace:
+def _parse_line(
+    raw: bytes, redactor: Redactor | None, tags: Sequence[str] | None, unanswered: bool = False
+) -> Trace:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -1010,7 +1029,7 @@ def _parse_line(raw: bytes, redactor: Redactor | None, tags: Sequence[str] | Non
             "messages": redactor.redact_value(obj.get("messages")),
             "metadata": redactor.redact_value(obj.get("metadata")),
         }
-    trace = Trace.from_openai(obj)
+    trace = Trace.from_openai(obj, unanswered=unanswered)
     if tags:
         trace.tags = list(dict.fromkeys([*trace.tags, *tags]))
     return trace

@@ -22,6 +22,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from langchain_understudy.errors import ConfigError
 
 __all__ = [
+    "FactSelection",
     "KnowledgeSettings",
     "RouterSettings",
     "ServerSettings",
@@ -60,15 +61,38 @@ class StudentSettings(_Section):
     """What to do when a conversation exceeds the context: drop oldest turns or raise."""
 
 
-class KnowledgeSettings(_Section):
+class FactSelection(_Section):
+    """How retrieved documents become the facts a prompt shows.
+
+    The distillation job and the router share these fields; a student must be served with the
+    values it was trained with (its registry entry records them under ``provenance["facts"]``).
+    """
+
+    k: int = Field(default=4, ge=1, le=100)
+    """Facts per prompt."""
+    distinct_by: str | None = None
+    """Metadata key: keep only the most relevant fact per value (``"answer"`` over past teacher
+    answers shows ``k`` different answers); ``None`` keeps the ``k`` most relevant facts."""
+    fetch_k: int | None = Field(default=None, ge=1, le=10_000)
+    """Documents fetched before ``distinct_by`` picks ``k``; ``None``: ``10 * k`` with
+    ``distinct_by``, else ``k``."""
+    fact_details: bool = True
+    """Show each fact's key and date in the prompt; ``False``: the text alone."""
+
+    def fetch_count(self) -> int:
+        """How many documents to fetch for one prompt."""
+        if self.fetch_k is not None:
+            return max(self.fetch_k, self.k)
+        return 10 * self.k if self.distinct_by else self.k
+
+
+class KnowledgeSettings(FactSelection):
     """Where current facts live."""
 
     path: Path | None = None
     """Folder of the knowledge store; ``None`` disables retrieval."""
     index: Literal["flat", "hnsw", "ivf"] = "flat"
     """FAISS index kind."""
-    k: int = Field(default=4, ge=1, le=100)
-    """Facts retrieved per turn."""
     min_relevance: float = Field(default=0.0, ge=0.0, le=1.0)
     """Facts below this relevance score are not shown to the student."""
     embedding_model: Path | None = None

@@ -27,7 +27,7 @@ Example:
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 
@@ -52,6 +52,7 @@ __all__ = [
     "render_answer",
     "render_prompt",
     "render_turns",
+    "select_facts",
 ]
 
 SYSTEM = "<|system|>"
@@ -96,6 +97,50 @@ def document_to_fact(doc: Document) -> Fact:
     if isinstance(as_of, (datetime, date)):
         as_of = as_of.isoformat()
     return Fact(text=doc.page_content, key=doc.id, as_of=str(as_of) if as_of else None)
+
+
+def select_facts(
+    docs: Iterable[Document],
+    k: int,
+    *,
+    distinct_by: str | None = None,
+    details: bool = True,
+) -> list[Fact]:
+    """Choose the facts a prompt shows from retrieved documents (most relevant first).
+
+    Training (the distillation job) and serving (the router) both call this with the settings the
+    student was trained with, so a student always reads facts picked and written one way.
+
+    Args:
+        docs: Retrieved documents, most relevant first.
+        k: How many facts to keep.
+        distinct_by: A metadata key; only the most relevant document per value of it is kept
+            (documents without the key are always kept). With past teacher answers stored as
+            facts, ``"answer"`` shows ``k`` *different* past answers instead of ``k`` copies of
+            the most common one; fetch more than ``k`` documents for it to have a choice.
+        details: Show each fact's key and date; ``False`` shows the text alone, which keeps
+            prompts short when keys are opaque ids.
+
+    Example:
+        >>> docs = [Document("a => x", metadata={"answer": "x"}),
+        ...         Document("b => x", metadata={"answer": "x"}),
+        ...         Document("c => y", metadata={"answer": "y"})]
+        >>> [f.text for f in select_facts(docs, 2, distinct_by="answer")]
+        ['a => x', 'c => y']
+    """
+    out: list[Fact] = []
+    seen: set[str] = set()
+    for doc in docs:
+        if len(out) >= k:
+            break
+        if distinct_by is not None and doc.metadata and distinct_by in doc.metadata:
+            value = json.dumps(doc.metadata[distinct_by], sort_keys=True, default=str)
+            if value in seen:
+                continue
+            seen.add(value)
+        fact = document_to_fact(doc)
+        out.append(fact if details else Fact(text=fact.text))
+    return out
 
 
 def message_text(message: BaseMessage) -> str:

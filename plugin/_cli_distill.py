@@ -16,7 +16,13 @@ __all__ = ["register"]
 def _job(args: argparse.Namespace) -> object:
     from langchain_understudy.distill_jobs.job import DistillConfig, DistillJob
 
-    return DistillJob(DistillConfig.from_toml(args.config), progress=not args.quiet)
+    cfg = DistillConfig.from_toml(args.config)
+    teacher = None
+    if cfg.relabel.mode != "off":
+        from langchain_understudy.router.teachers import teacher_from_settings
+
+        teacher = teacher_from_settings(cfg.teacher)
+    return DistillJob(cfg, progress=not args.quiet, teacher=teacher)
 
 
 def _summary(result: object) -> str:

@@ -80,7 +80,13 @@ def _import(args: argparse.Namespace) -> int:
             file=sys.stderr,
         ) as bar,
     ):
-        report = store.import_jsonl(src, redactor=redactor, tags=args.tag, progress=bar.update)
+        report = store.import_jsonl(
+            src,
+            redactor=redactor,
+            tags=args.tag,
+            progress=bar.update,
+            unanswered=args.unanswered,
+        )
         total = store.count()
     print(
         format_table(
@@ -203,6 +209,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--no-redact", action="store_true", help="keep PII (default: redact as traces.redact says)"
     )
     imp.add_argument("--strict", action="store_true", help="exit 1 when any line is malformed")
+    imp.add_argument(
+        "--unanswered",
+        action="store_true",
+        help="accept lines without the assistant's answer as prompts for teacher relabelling "
+        "(a distillation job with [relabel] mode = 'missing' asks the teacher)",
+    )
     _common(imp)
     imp.set_defaults(func=_import)
 

@@ -14,7 +14,7 @@
 The traces are built so the student learns to *copy* values from the facts in its prompt rather than
 memorise them: the bundled history holds many versions of every fact, each trace was answered with
 the version valid on its date, and the job gives every training prompt the facts *as of the trace's
-date* (:class:`AsOfFactsJob`). Step 4 works because of that.
+date* (the job's default, `knowledge.as_of = "trace"`). Step 4 works because of that.
 """
 
 from __future__ import annotations
@@ -42,15 +42,13 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, System
 from langchain_core.outputs import ChatGeneration, ChatResult
 from pydantic import ConfigDict
 
-from langchain_understudy.distill_jobs.dataset import FactLookup, conversation_key, last_user_text
 from langchain_understudy.distill_jobs.job import DistillJob
 from langchain_understudy.errors import ConfigError
 from langchain_understudy.plugin._table import format_table
-from langchain_understudy.prompting import Fact, message_text
+from langchain_understudy.prompting import message_text
 
 __all__ = [
     "DATA_DIR",
-    "AsOfFactsJob",
     "DemoResult",
     "DemoRow",
     "DemoSettings",
@@ -265,48 +263,6 @@ class _GroundedTeacher(BaseChatModel):
         out = self.inner.invoke([system, *messages], stop=stop, **kwargs)
         msg = out if isinstance(out, AIMessage) else AIMessage(content=str(out.content))
         return ChatResult(generations=[ChatGeneration(message=msg)])
-
-
-# -- distillation with facts as of each trace's date -----------------------------------------------
-
-
-class AsOfFactsJob(DistillJob):
-    """A ``DistillJob`` whose training prompts carry the facts *as of each trace's date*.
-
-    A teacher answered with the facts that were true when it was asked; training on today's facts
-    instead would teach the student to contradict its prompt whenever a fact has changed since.
-
-    Example:
-        >>> job = AsOfFactsJob(DistillConfig.from_toml("job.toml"))  # doctest: +SKIP
-        >>> job.run().status  # doctest: +SKIP
-        'promoted'
-    """
-
-    def _fact_lookup(self) -> FactLookup | None:
-        from langchain_understudy.distill_jobs.traces import TraceStore
-        from langchain_understudy.prompting import document_to_fact
-        from langchain_understudy.retrieval import KnowledgeStore
-
-        if self.config.knowledge.path is None:
-            return None
-        store = KnowledgeStore(self.config.knowledge.path, self.embeddings, create=False)
-        when = {
-            conversation_key(t.messages): t.created_at
-            for t in TraceStore(self.config.traces).iter_traces()
-        }
-        k = self.config.knowledge.k
-
-        def lookup(convs: Sequence[Sequence[BaseMessage]], keys: Sequence[str]) -> list[list[Fact]]:
-            vectors = store.embeddings.embed_documents([last_user_text(c) for c in convs])
-            return [
-                [
-                    document_to_fact(d)
-                    for d in store.similarity_search_by_vector(v, k=k, as_of=when.get(key))
-                ]
-                for v, key in zip(vectors, keys, strict=True)
-            ]
-
-        return lookup
 
 
 def _cached_minilm() -> Embeddings:
@@ -556,7 +512,7 @@ class _Demo:
             f"  student: from scratch, {self.s.hidden} wide, {self.s.layers} layers; training at "
             f"most {self.s.epochs:g} epochs or {self.s.max_minutes:g} min"
         )
-        job = AsOfFactsJob(cfg, progress=self.progress, embeddings=self.emb)
+        job = DistillJob(cfg, progress=self.progress, embeddings=self.emb)
         result = job.run()
         m = result.metrics
         self.result.job_status = result.status

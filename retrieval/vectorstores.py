@@ -26,7 +26,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path, PurePath
 from typing import Any
 
@@ -155,6 +155,8 @@ class KnowledgeStats:
         dead_vectors: Vectors of erased rows awaiting compaction.
         generation: Number of the current index file.
         disk_bytes: Bytes of the store's files on disk.
+        oldest_valid_from: When the oldest version kept became valid (``None`` when empty);
+            before this time the store knows no facts.
     """
 
     path: Path
@@ -168,6 +170,7 @@ class KnowledgeStats:
     dead_vectors: int
     generation: int
     disk_bytes: int
+    oldest_valid_from: datetime | None = None
 
 
 @dataclass
@@ -301,6 +304,10 @@ class KnowledgeStore(VectorStore):
         self._generation: int | None = None
         self._vindex: VectorIndex | None = None
         self._current = IdSet(np.empty(0, dtype=np.int64))
+        self._as_of_ids: dict[float, IdSet] = {}  # validity span -> its rows, this revision
+        self._bounds: np.ndarray[Any, np.dtype[np.float64]] | None = (
+            None  # times at which some fact's validity changes
+        )
         self._all_current = True
         self._loaded_next_vid = 1
         self._embedding_checked = False
@@ -498,6 +505,7 @@ class KnowledgeStore(VectorStore):
             self._revision = int(meta["revision"])
             self._loaded_next_vid = int(meta["next_vid"])
             self._current = IdSet(current)
+            self._as_of_ids, self._bounds = {}, None
             self._all_current = vindex is None or vindex.ntotal == len(self._current)
             return
         msg = f"the knowledge index file {self._index_path(generation)} is missing. " + (
@@ -1145,6 +1153,7 @@ class KnowledgeStore(VectorStore):
             keys = int(con.execute("SELECT COUNT(DISTINCT key) FROM facts").fetchone()[0])
             dead = int(con.execute("SELECT COUNT(*) FROM dead").fetchone()[0])
             disk = sum(p.stat().st_size for p in self.path.iterdir() if p.is_file())
+            oldest = con.execute("SELECT MIN(valid_from) FROM facts").fetchone()[0]
             return KnowledgeStats(
                 path=self.path,
                 index=meta["index_kind"],
@@ -1157,6 +1166,9 @@ class KnowledgeStore(VectorStore):
                 dead_vectors=dead,
                 generation=int(meta["generation"]),
                 disk_bytes=disk,
+                oldest_valid_from=(
+                    datetime.fromtimestamp(float(oldest), UTC) if oldest is not None else None
+                ),
             )
 
     def _allowed(self, flt: MetadataFilter | None, as_of: TimeLike | None) -> IdSet | None:
@@ -1166,6 +1178,9 @@ class KnowledgeStore(VectorStore):
             where, params = ["valid_to IS NULL"], []
         else:
             t = to_timestamp(as_of)
+            span = self._validity_span(t)
+            if flt is None and span in self._as_of_ids:  # many searches at one time (training)
+                return self._as_of_ids[span]
             where = ["valid_from <= ?", "(valid_to IS NULL OR valid_to > ?)"]
             params = [t, t]
         if flt is not None and not callable(flt):
@@ -1182,7 +1197,26 @@ class KnowledgeStore(VectorStore):
                 if flt(json.loads(md))
             ]
             return IdSet(np.array(keep, dtype=np.int64))
-        return IdSet(self._fetch_ids(f"SELECT vid FROM facts WHERE {sql}", params))
+        ids = IdSet(self._fetch_ids(f"SELECT vid FROM facts WHERE {sql}", params))
+        if flt is None and as_of is not None:
+            if len(self._as_of_ids) >= 256:
+                self._as_of_ids.clear()
+            self._as_of_ids[self._validity_span(to_timestamp(as_of))] = ids
+        return ids
+
+    def _validity_span(self, t: float) -> float:
+        """The start of the span around ``t`` in which no fact became valid or stopped being so.
+
+        Every time in one span sees the same rows, so ``as_of`` searches share their row set.
+        """
+        if self._bounds is None:
+            b = self._con.execute(
+                "SELECT valid_from FROM facts UNION SELECT valid_to FROM facts "
+                "WHERE valid_to IS NOT NULL"
+            ).fetchall()
+            self._bounds = np.unique(np.array([r[0] for r in b], dtype=np.float64))
+        i = int(np.searchsorted(self._bounds, t, side="right")) - 1
+        return float(self._bounds[i]) if i >= 0 else float("-inf")
 
     def _search(
         self,

@@ -44,15 +44,16 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.runnables import RunnableConfig, ensure_config
 from pydantic import ConfigDict, Field, PrivateAttr, model_validator
 
+from langchain_understudy.config import FactSelection
 from langchain_understudy.errors import (
     ArtifactError,
     ConfigError,
     StudentError,
     TeacherUnavailableError,
 )
-from langchain_understudy.prompting import Fact, message_text
+from langchain_understudy.prompting import Fact, message_text, select_facts
 from langchain_understudy.router.policy import Decision, RoutedExample, Router, SignalReading
-from langchain_understudy.router.signals import OODIndex, RoutingContext, document_to_fact
+from langchain_understudy.router.signals import OODIndex, RoutingContext
 from langchain_understudy.router.teachers import PrivacyPolicy, ResilientTeacher, model_name_of
 
 if TYPE_CHECKING:
@@ -80,6 +81,7 @@ class _Active:
     version: str | None
     ood: OODIndex | None
     ood_absent: str
+    facts: dict[str, Any] | None = None  # the fact selection the student was trained with
 
 
 class _StudentSource:
@@ -150,7 +152,8 @@ class _StudentSource:
             ood, why = None, f"student {v.version} was registered without ood_index.npy"
         if current is not None:
             logger.info("student promoted: now serving %s (was %s)", v.version, current.version)
-        return _Active(model, v.version, ood, why)
+        facts = v.provenance.get("facts")
+        return _Active(model, v.version, ood, why, facts if isinstance(facts, dict) else None)
 
 
 @dataclass
@@ -275,6 +278,13 @@ class ChatUnderstudy(BaseChatModel):
     """Facts retrieved per request."""
     min_relevance: float = Field(default=0.0, ge=0.0, le=1.0)
     """Facts below this relevance are not shown to the student."""
+    distinct_by: str | None = None
+    """Keep only the most relevant fact per value of this metadata key (as the student was
+    trained; see :class:`~langchain_understudy.config.FactSelection`)."""
+    fetch_k: int | None = Field(default=None, ge=1)
+    """Documents fetched before ``distinct_by`` picks ``k`` (``None``: ``10 * k`` with it)."""
+    fact_details: bool = True
+    """Show each fact's key and date in the student's prompt."""
     ood_index: Any = None
     """An ``OODIndex`` or a path to ``ood_index.npy``; ``None`` uses the student's own."""
     embeddings: Any = None
@@ -385,9 +395,13 @@ class ChatUnderstudy(BaseChatModel):
             "mode": r.mode,
             "privacy": PrivacyPolicy.from_settings(r),
             "audit_log": r.audit_log,
-            "k": config.knowledge.k,
             "min_relevance": config.knowledge.min_relevance,
         }
+        # fact selection: what the config sets, else what the served student was trained with
+        kn = config.knowledge
+        for name in ("k", "distinct_by", "fetch_k", "fact_details"):
+            if name in kn.model_fields_set:
+                params[name] = getattr(kn, name)
         params.update(kwargs)
         return cls(**params)
 
@@ -489,8 +503,19 @@ class ChatUnderstudy(BaseChatModel):
         fn: Callable[[str], Sequence[float]] = self._embedder.embed_query
         return fn
 
+    def fact_selection(self, trained: dict[str, Any] | None = None) -> FactSelection:
+        """How facts are chosen for the student's prompt.
+
+        Fields set on this model win; the rest follow ``trained`` (the selection the served
+        student was trained with, from its registry entry), then the defaults.
+        """
+        fields = ("k", "distinct_by", "fetch_k", "fact_details")
+        values = {f: v for f, v in (trained or {}).items() if f in fields}
+        values.update({f: getattr(self, f) for f in fields if f in self.model_fields_set})
+        return FactSelection(**values)
+
     def _retrieve(
-        self, query: str
+        self, query: str, trained: dict[str, Any] | None = None
     ) -> tuple[list[tuple[Document, float]] | None, list[Fact], str | None, str | None]:
         """Return (scored docs or None, facts for the student, error, absent reason)."""
         kn = self.knowledge
@@ -498,26 +523,32 @@ class ChatUnderstudy(BaseChatModel):
             return None, [], None, "no knowledge store configured"
         if not query:
             return [], [], None, None
+        sel = self.fact_selection(trained)
+
+        def pick(docs: Sequence[Document]) -> list[Fact]:
+            return select_facts(docs, sel.k, distinct_by=sel.distinct_by, details=sel.fact_details)
+
         try:
             if hasattr(kn, "similarity_search_with_relevance_scores"):
                 pairs = [
                     (d, float(s))
-                    for d, s in kn.similarity_search_with_relevance_scores(query, k=self.k)
+                    for d, s in kn.similarity_search_with_relevance_scores(
+                        query, k=sel.fetch_count()
+                    )
                 ]
             else:
                 docs = kn.invoke(query)
                 scores = [d.metadata.get("relevance_score", d.metadata.get("score")) for d in docs]
-                facts = [document_to_fact(d) for d in docs[: self.k]]
                 if all(s is None for s in scores):
-                    return None, facts, None, "the retriever gives no relevance scores"
+                    return None, pick(docs), None, "the retriever gives no relevance scores"
                 pairs = [
                     (d, float(s) if s is not None else 0.0)
                     for d, s in zip(docs, scores, strict=True)
-                ][: self.k]
+                ][: sel.fetch_count()]
         except Exception as e:  # noqa: BLE001 - a failing store escalates through its signal
             logger.warning("knowledge store query failed: %s", e)
             return None, [], f"{type(e).__name__}: {e}", None
-        facts = [document_to_fact(d) for d, s in pairs if s >= self.min_relevance]
+        facts = pick([d for d, s in pairs if s >= self.min_relevance])
         return pairs, facts, None, None
 
     def _begin(
@@ -534,7 +565,7 @@ class ChatUnderstudy(BaseChatModel):
                 last_user = message_text(m)
                 break
         tr = time.perf_counter()
-        retrieved, facts, error, no_store = self._retrieve(last_user)
+        retrieved, facts, error, no_store = self._retrieve(last_user, active.facts)
         retrieval_ms = (time.perf_counter() - tr) * 1000.0
         absent = {"ood_distance": active.ood_absent}
         if no_store:

@@ -34,7 +34,8 @@ _LLAMA3_RE = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-_QWEN2_RE = (
+#: Qwen2's pre-tokenizer split (one token per digit); the distillation job's tokenizers use it.
+QWEN2_SPLIT_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
@@ -108,7 +109,7 @@ def _pre_tokenizer_name(tok: dict[str, Any]) -> str:
             regex = parts[0].get("pattern", {}).get("Regex")
             if regex == _LLAMA3_RE:
                 return "llama-bpe"
-            if regex == _QWEN2_RE:
+            if regex == QWEN2_SPLIT_REGEX:
                 return "qwen2"
     msg = (
         f"unsupported pre-tokenizer {json.dumps(pre)[:200]}; supported: "

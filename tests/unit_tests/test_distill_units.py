@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from langchain_core.embeddings import Embeddings
 from langchain_core.messages import HumanMessage
 
 from langchain_understudy.distill_jobs.dataset import build_examples, split_examples
@@ -27,9 +28,9 @@ def test_build_examples_dedupes_filters_and_uses_the_serving_prompt() -> None:
     ]
     facts_seen = []
 
-    def lookup(convs, keys):
-        facts_seen.extend(keys)
-        return [[Fact("fact for " + c[-1].content)] for c in convs]
+    def lookup(examples):
+        facts_seen.extend(ex.key for ex in examples)
+        return [[Fact("fact for " + ex.messages[-1].content)] for ex in examples]
 
     examples, dropped = build_examples(pairs, facts=lookup)
     assert len(examples) == 5
@@ -104,3 +105,72 @@ def test_run_schedule_runs_on_time_and_survives_failures() -> None:
         55 * 60,
     ]  # runs start on the hour, not an hour after the last one ended
     assert "failed: RuntimeError: boom" in lines[0] and "promoted v2" in "\n".join(lines)
+
+
+def test_job_prompts_carry_the_facts_as_the_teacher_saw_them(tmp_path) -> None:
+    """Facts as of each trace's date, never the trace's own fact, distinct answers on request."""
+    from langchain_understudy.distill_jobs.job import DistillConfig, DistillJob
+    from langchain_understudy.retrieval import KnowledgeStore
+
+    class Same(Embeddings):  # every text equally similar: the store's order decides ties
+        def embed_documents(self, texts: list[str]) -> list[list[float]]:
+            return [[1.0, 0.0] for _ in texts]
+
+        def embed_query(self, text: str) -> list[float]:
+            return [1.0, 0.0]
+
+    kb = KnowledgeStore(tmp_path / "kb", Same())
+    kb.add_texts(["Pro costs 20 EUR"], [{"as_of": "2024-01-01"}], ids=["price"])
+    kb.add_texts(["Pro costs 25 EUR"], [{"as_of": "2024-06-01"}], ids=["price"])
+    pairs = [
+        (
+            [HumanMessage("How much is Pro?")],
+            "20 EUR",
+            {"created_at": datetime(2024, 3, 1, tzinfo=UTC)},
+        ),
+        ([HumanMessage("Pro price?")], "25 EUR", {"created_at": datetime(2024, 7, 1, tzinfo=UTC)}),
+        ([HumanMessage("Pro, how much?")], "20 EUR", {"created_at": datetime(2020, 1, 1)}),
+    ]
+    cfg = DistillConfig(traces=tmp_path / "t.sqlite", knowledge={"path": tmp_path / "kb", "k": 3})
+    lookup = DistillJob(cfg, embeddings=Same())._fact_lookup()
+    assert lookup is not None
+    examples, _ = build_examples(pairs, facts=lookup)
+    seen = {ex.messages[0].content: [f.text for f in ex.facts] for ex in examples}
+    assert seen["How much is Pro?"] == ["Pro costs 20 EUR"]
+    assert seen["Pro price?"] == ["Pro costs 25 EUR"]
+    # older than the store's first fact: the oldest facts stand in
+    assert seen["Pro, how much?"] == ["Pro costs 20 EUR"]
+    assert "as of 2024-01-01" in examples[0].prompt
+
+    now = DistillConfig(
+        traces=tmp_path / "t.sqlite",
+        knowledge={"path": tmp_path / "kb", "k": 3, "as_of": "now", "fact_details": False},
+    )
+    lookup = DistillJob(now, embeddings=Same())._fact_lookup()
+    assert lookup is not None
+    examples, _ = build_examples(pairs, facts=lookup)
+    assert all([f.text for f in ex.facts] == ["Pro costs 25 EUR"] for ex in examples)
+    assert "[1] Pro costs 25 EUR" in examples[0].prompt  # no key, no date
+
+    # past teacher answers as facts: the example's own trace never shows, answers are distinct
+    mem = KnowledgeStore(tmp_path / "mem", Same())
+    rows = [("How much is Pro?", "20 EUR"), ("Pro cost?", "20 EUR"), ("Pro fee?", "20 EUR")]
+    rows += [("Is Pro monthly?", "yes")]
+    own = build_examples([([HumanMessage(q)], a, {}) for q, a in rows[:1]])[0][0].key
+    mem.add_texts(
+        [f"{q} => {a}" for q, a in rows],
+        [
+            {"answer": a, "source_key": own if i == 0 else f"other-{i}"}
+            for i, (q, a) in enumerate(rows)
+        ],
+    )
+    cfg = DistillConfig(
+        traces=tmp_path / "t.sqlite",
+        knowledge={"path": tmp_path / "mem", "k": 3, "distinct_by": "answer"},
+    )
+    lookup = DistillJob(cfg, embeddings=Same())._fact_lookup()
+    assert lookup is not None
+    examples, _ = build_examples([([HumanMessage(rows[0][0])], "20 EUR", {})], facts=lookup)
+    texts = [f.text for f in examples[0].facts]
+    assert "How much is Pro? => 20 EUR" not in texts
+    assert sorted(t.split(" => ")[1] for t in texts) == ["20 EUR", "yes"]

@@ -28,6 +28,8 @@ T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 def test_all_is_pinned() -> None:
     assert traces_module.__all__ == [
+        "RELABELLED",
+        "UNANSWERED",
         "ImportReport",
         "ModelStats",
         "Trace",
