@@ -59,6 +59,21 @@ class StudentSettings(_Section):
     """Sampling temperature; 0 is greedy and deterministic."""
     overflow: Literal["truncate", "error"] = "truncate"
     """What to do when a conversation exceeds the context: drop oldest turns or raise."""
+    n_instances: int = Field(default=1, ge=1, le=64)
+    """llama.cpp contexts serving requests in parallel (weights are shared; each context costs
+    its KV cache); ``understudy serve`` under concurrent clients wants more than one."""
+
+    def chat_student_kwargs(self) -> dict[str, Any]:
+        """The ``ChatStudent`` options these settings describe (everything but the model file)."""
+        return {
+            "n_ctx": self.n_ctx,
+            "n_threads": self.n_threads,
+            "n_gpu_layers": self.n_gpu_layers,
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "overflow": self.overflow,
+            "n_instances": self.n_instances,
+        }
 
 
 class FactSelection(_Section):

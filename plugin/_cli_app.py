@@ -25,13 +25,18 @@ temperature = 0.0       # 0 = greedy, deterministic
 n_gpu_layers = 0        # layers offloaded to a GPU (-1 = all); needs a CUDA/Metal llama.cpp build
 # n_threads = 4         # CPU threads (default: llama.cpp decides)
 overflow = "truncate"   # conversation longer than n_ctx: "truncate" oldest turns or "error"
+n_instances = 1         # llama.cpp contexts answering in parallel (raise for `understudy serve`)
 
 [knowledge]
 # Folder of the knowledge store (FAISS + SQLite); fill it with `understudy kb add`.
 # Comment it out to run without retrieval.
 path = ".understudy/knowledge"
 index = "flat"          # "flat" (exact), "hnsw" or "ivf", for a new store
-k = 4                   # facts retrieved per turn
+# Which facts the student reads follows what the served student was trained with (its registry
+# entry records it); set these only to override that.
+# k = 4                 # facts per turn
+# distinct_by = "answer"  # only the most relevant fact per value of this metadata key
+# fact_details = true   # show each fact's key and date
 min_relevance = 0.0     # facts below this relevance (0..1) are not shown to the student
 # embedding_model = "/path/to/sentence-transformers-model"  # default: bundled all-MiniLM-L6-v2
 

@@ -172,12 +172,9 @@ def _understudy(cfg: Any, args: argparse.Namespace) -> tuple[Any, str]:
 
     s = cfg.student
     opts: dict[str, Any] = {
-        "n_ctx": s.n_ctx,
-        "n_threads": s.n_threads,
-        "n_gpu_layers": s.n_gpu_layers,
+        **s.chat_student_kwargs(),
         "max_tokens": args.max_tokens or s.max_tokens,
         "temperature": 0.0,
-        "overflow": s.overflow,
     }
     ood: Any = args.ood_index
     if args.gguf:

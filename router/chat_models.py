@@ -366,14 +366,7 @@ class ChatUnderstudy(BaseChatModel):
         The knowledge store is not opened here: pass it as ``knowledge``.
         """
         s = config.student
-        opts: dict[str, Any] = {
-            "n_ctx": s.n_ctx,
-            "n_threads": s.n_threads,
-            "n_gpu_layers": s.n_gpu_layers,
-            "max_tokens": s.max_tokens,
-            "temperature": s.temperature,
-            "overflow": s.overflow,
-        }
+        opts: dict[str, Any] = s.chat_student_kwargs()
         student: Any
         if s.model_path is not None:
             from langchain_understudy.students import ChatStudent

@@ -36,7 +36,7 @@ from langchain_core.messages import AIMessage, BaseMessage, SystemMessage
 
 from langchain_understudy.errors import ConfigError, TeacherUnavailableError
 from langchain_understudy.prompting import message_text
-from langchain_understudy.router._pii import PII_KINDS, find_pii
+from langchain_understudy.redact import BUILTIN_KINDS, Redactor
 
 if TYPE_CHECKING:
     from langchain_core.callbacks import Callbacks
@@ -51,6 +51,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: Kinds of personal data the privacy rules look for (those the shared redactor knows).
+PII_KINDS: tuple[str, ...] = tuple(k.lower() for k in BUILTIN_KINDS)
 
 _MINUTE = 60.0
 _DAY = 86_400.0
@@ -486,6 +489,7 @@ class PrivacyPolicy:
             msg = f"pii_kinds must be among {list(PII_KINDS)}, got {unknown}"
             raise ConfigError(msg)
         self.pii_kinds = kinds
+        self._detector = Redactor(builtins=[k.upper() for k in kinds])
 
     @classmethod
     def from_settings(cls, settings: RouterSettings) -> PrivacyPolicy:
@@ -503,9 +507,9 @@ class PrivacyPolicy:
             for m in messages:
                 if isinstance(m, SystemMessage):
                     continue
-                for hit in find_pii(message_text(m), self.pii_kinds):
-                    if hit.kind not in kinds:
-                        kinds.append(hit.kind)
+                for hit in self._detector.find(message_text(m)):
+                    if hit.kind.lower() not in kinds:
+                        kinds.append(hit.kind.lower())
             if kinds:
                 return (
                     f"personal data detected ({', '.join(kinds)}); "

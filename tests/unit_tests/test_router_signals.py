@@ -13,7 +13,7 @@ from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 
 from langchain_understudy.errors import ArtifactError, ConfigError
 from langchain_understudy.router import signals as sig
-from langchain_understudy.router._pii import find_pii
+from langchain_understudy.router.teachers import PrivacyPolicy
 from langchain_understudy.router.signals import OODIndex, RoutingContext, RoutingRules, SignalAbsent
 
 
@@ -173,11 +173,20 @@ def test_document_to_fact_matches_training_format() -> None:
         ("meeting on 2024-01-15 at 10:30, pi is 3.14159, 1,000,000 users", []),
         ("transfer 500 dollars, order 12345", []),
         ("card 4111 1111 1111 1112 fails the Luhn check", []),
-        ("DE00 3704 0044 0532 0130 00 fails mod 97", []),
+        ("GB00WEST12345698765432 fails mod 97", []),
+        # not an IBAN, but "0044 0532 0130 00" dials a UK number: it stays on the machine
+        ("DE00 3704 0044 0532 0130 00", ["phone"]),
     ],
 )
-def test_find_pii(text: str, kinds: list[str]) -> None:
-    assert [m.kind for m in find_pii(text)] == kinds
+def test_privacy_rules_find_pii(text: str, kinds: list[str]) -> None:
+    why = PrivacyPolicy().check([HumanMessage(text)])
+    if kinds:
+        assert why == (
+            f"personal data detected ({', '.join(dict.fromkeys(kinds))}); "
+            "the conversation stays on this machine"
+        )
+    else:
+        assert why is None
 
 
 def test_default_ramps() -> None:
