@@ -18,6 +18,52 @@ DATA = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "bench" / "results"
 
 
+# CLINC150 follow-up turns that only make sense with the conversation before them
+FOLLOW_RECENT = (
+    "Same again, please.",
+    "Do that one more time.",
+    "And again?",
+    "Can you repeat that for me?",
+    "Once more, like before.",
+)
+FOLLOW_FIRST = (
+    "Back to my first question.",
+    "What about the first one?",
+    "And the first thing I asked?",
+)
+FOLLOW_OTHER = ("And the other one?",)
+
+
+def clinc_conversation(
+    query: str,
+    intent: str,
+    pool: list[list[str]] | list[tuple[str, str]],
+    rng: Any,
+    dependent_fraction: float,
+) -> tuple[list[tuple[str, str]], str, bool]:
+    """A 2-4 turn conversation ending with ``query`` (or a follow-up that needs the history).
+
+    Earlier turns are other (query, intent) rows from ``pool`` answered with their intent. Returns
+    the ``(role, text)`` turns, the intent that answers the last turn, and whether the last turn
+    depends on the earlier ones.
+    """
+    n_turns = rng.choice((2, 3, 4))
+    history = [rng.choice(pool) for _ in range(n_turns - 1)]
+    turns: list[tuple[str, str]] = []
+    for hq, hi in history:
+        turns += [("user", hq), ("assistant", hi)]
+    if intent != "oos" and rng.random() < dependent_fraction:
+        kind = rng.choice(("recent", "first", "other") if n_turns == 2 else ("recent", "first"))
+        if kind == "recent":
+            text, ref = rng.choice(FOLLOW_RECENT), history[-1][1]
+        elif kind == "first":
+            text, ref = rng.choice(FOLLOW_FIRST), history[0][1]
+        else:
+            text, ref = rng.choice(FOLLOW_OTHER), history[0][1]
+        return [*turns, ("user", text)], ref, True
+    return [*turns, ("user", query)], intent, False
+
+
 def require_data(name: str) -> Path:
     path = DATA / name
     if not path.exists():

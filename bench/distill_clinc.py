@@ -2,23 +2,34 @@
 
 Traces: the 15,000 in-scope training queries (user: the query; teacher: the intent name — the
 dataset's gold labels stand in for a teacher). The knowledge store holds every training trace as a
-fact ("query => intent"); each prompt carries the k most similar ones (never the example's own
-trace), so the student learns to read them. Evaluated on the 4,500 in-scope test queries at Q8_0
-and Q4_K_M. Also reports nearest-neighbour baselines over the same store.
+fact ("query => intent", metadata ``answer``); each prompt carries k facts with *different*
+answers, the most similar past query for each (``distinct_by = "answer"``, text only; never the
+example's own trace), so the student learns to pick among candidate answers. Evaluated on the
+4,500 in-scope test queries at Q8_0 and Q4_K_M. Also reports nearest-neighbour baselines over the
+same embeddings.
 
-    .venv/bin/python bench/distill_clinc.py [--minutes 20] [--work bench/out/clinc]
+    .venv/bin/python bench/distill_clinc.py [--minutes 20] [--threads 2] [--multi-turn 0.3]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import shutil
 import time
 from collections import Counter
 from pathlib import Path
 
-from _common import cached_minilm, machine, require_data, save, table, write_traces
+from _common import (
+    cached_minilm,
+    clinc_conversation,
+    machine,
+    require_data,
+    save,
+    table,
+    write_traces,
+)
 
 
 def main() -> None:
@@ -32,9 +43,16 @@ def main() -> None:
         "--threads", type=int, default=None, help="CPU threads for training and evaluation"
     )
     ap.add_argument("--resume", action="store_true", help="continue the last interrupted job run")
+    ap.add_argument(
+        "--multi-turn",
+        type=float,
+        default=0.0,
+        help="share of training traces turned into 2-4 turn conversations (a quarter of them "
+        "ending with a follow-up that needs the history)",
+    )
     args = ap.parse_args()
 
-    from langchain_core.messages import HumanMessage
+    from langchain_core.messages import AIMessage, HumanMessage
 
     from langchain_understudy.distill_jobs.dataset import Example, conversation_key
     from langchain_understudy.distill_jobs.evaluation import evaluate_student
@@ -50,13 +68,24 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
 
-    # 1. traces
+    # 1. traces: one per training row; with --multi-turn a share of them are 2-4 turn
+    # conversations ending with the row's query (or, for some, a follow-up needing the history)
+    rng = random.Random(0)
+    conversations: list[list[dict[str, str]]] = []
+    answers: list[str] = []
+    for q, intent in data["train"]:
+        if rng.random() < args.multi_turn:
+            turns, ref, _ = clinc_conversation(q, intent, data["train"], rng, 0.25)
+        else:
+            turns, ref = [("user", q)], intent
+        conversations.append([{"role": r, "content": t} for r, t in turns])
+        answers.append(ref)
     traces_file = work / "clinc_train.jsonl"
     write_traces(
         traces_file,
         (
-            ([{"role": "user", "content": q}], intent, {"model": "clinc150-gold", "split": "train"})
-            for q, intent in data["train"]
+            (conv, ref, {"model": "clinc150-gold", "split": "train"})
+            for conv, ref in zip(conversations, answers, strict=True)
         ),
     )
     store = TraceStore(work / "traces.sqlite")
@@ -73,13 +102,21 @@ def main() -> None:
     if kb.stats().facts == 0:
         texts = [f"{q} => {intent}" for q, intent in data["train"]]
         vectors = emb.embed_documents([q for q, _ in data["train"]])
+        # a fact made from a row must never show in the prompt of the trace made from that row
         metas = [
             {
-                "source_key": conversation_key([HumanMessage(q)]),
+                "source_key": conversation_key(
+                    [
+                        HumanMessage(m["content"])
+                        if m["role"] == "user"
+                        else AIMessage(m["content"])
+                        for m in conv
+                    ]
+                ),
                 "answer": intent,
                 "as_of": "2019-11-01",
             }
-            for q, intent in data["train"]
+            for conv, (_, intent) in zip(conversations, data["train"], strict=True)
         ]
         kb.add_embeddings(
             zip(texts, vectors, strict=True),
@@ -182,7 +219,11 @@ def main() -> None:
         "benchmark": "CLINC150 in-scope intent (distilled student reading retrieved past answers)",
         "data": "CLINC150 data_full (Larson et al. 2019), train 15,000 / test 4,500 in-scope",
         "teacher": "gold intent labels stand in for the teacher's answers",
-        "command": f"python bench/distill_clinc.py --minutes {args.minutes:g}",
+        "command": (
+            f"python bench/distill_clinc.py --minutes {args.minutes:g} --threads {args.threads}"
+            f" --multi-turn {args.multi_turn:g}"
+        ),
+        "multi_turn_fraction": args.multi_turn,
         "machine": machine(),
         "k_facts": args.k,
         "train_minutes_budget": args.minutes,

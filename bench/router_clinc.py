@@ -41,21 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from _common import RESULTS, machine, require_data, table
-
-FOLLOW_RECENT = (
-    "Same again, please.",
-    "Do that one more time.",
-    "And again?",
-    "Can you repeat that for me?",
-    "Once more, like before.",
-)
-FOLLOW_FIRST = (
-    "Back to my first question.",
-    "What about the first one?",
-    "And the first thing I asked?",
-)
-FOLLOW_OTHER = ("And the other one?",)
+from _common import RESULTS, clinc_conversation, machine, require_data, table
 
 
 @dataclass
@@ -99,22 +85,9 @@ def multi_items(
     pool = [r for r in rows if r[1] != "oos"] or rows
     items = []
     for q, intent in rows:
-        n_turns = rng.choice((2, 3, 4))
-        history = [rng.choice(pool) for _ in range(n_turns - 1)]
-        msgs: list[Any] = list(head)
-        for hq, hi in history:
-            msgs += [HumanMessage(hq), AIMessage(hi)]
-        if intent != "oos" and rng.random() < dependent_fraction:
-            kind = rng.choice(("recent", "first", "other") if n_turns == 2 else ("recent", "first"))
-            if kind == "recent":
-                text, ref = rng.choice(FOLLOW_RECENT), history[-1][1]
-            elif kind == "first":
-                text, ref = rng.choice(FOLLOW_FIRST), history[0][1]
-            else:
-                text, ref = rng.choice(FOLLOW_OTHER), history[0][1]
-            items.append(Item([*msgs, HumanMessage(text)], ref, False, dependent=True))
-        else:
-            items.append(Item([*msgs, HumanMessage(q)], intent, intent == "oos"))
+        turns, ref, dependent = clinc_conversation(q, intent, pool, rng, dependent_fraction)
+        msgs = [*head, *(HumanMessage(t) if r == "user" else AIMessage(t) for r, t in turns)]
+        items.append(Item(msgs, ref, ref == "oos", dependent=dependent))
     return items
 
 
