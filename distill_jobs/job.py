@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from filelock import FileLock, Timeout
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from langchain_understudy.config import FactSelection, QuantType, TeacherSettings
 from langchain_understudy.distill_jobs.dataset import (
@@ -49,11 +49,28 @@ class KnowledgeSection(FactSelection):
     the teacher saw; traces older than the store get its oldest facts); ``now``: current facts."""
 
 
+class LoraSection(_Section):
+    """LoRA adapters on a base checkpoint, merged into its weights before export."""
+
+    r: int = Field(default=16, ge=1, le=1024)
+    """Adapter rank."""
+    alpha: int = Field(default=32, ge=1)
+    """Scaling numerator (the update is scaled by ``alpha / r``)."""
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    """Dropout on the adapter input."""
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1
+    )
+    """Linear layers that get adapters (llama names)."""
+
+
 class StudentSection(_Section):
     """The student to train: from scratch (default) or from a local checkpoint."""
 
     base_checkpoint: Path | None = None
     """A local Hugging Face checkpoint of the llama family to fine-tune; ``None``: from scratch."""
+    lora: LoraSection | None = None
+    """Train LoRA adapters on ``base_checkpoint`` instead of every weight; merged before export."""
     hidden: int = Field(default=256, ge=32, le=8192)
     """From scratch: embedding width (a multiple of 256 lets k-quants apply to every tensor)."""
     layers: int = Field(default=4, ge=1, le=64)
@@ -68,6 +85,16 @@ class StudentSection(_Section):
     """From scratch: context length in tokens."""
     vocab_size: int = Field(default=4096, ge=300, le=200_000)
     """From scratch: BPE vocabulary size."""
+
+    @model_validator(mode="after")
+    def _lora_needs_a_base(self) -> StudentSection:
+        if self.lora is not None and self.base_checkpoint is None:
+            msg = (
+                "student.lora needs student.base_checkpoint: LoRA adapts an existing model, a "
+                "from-scratch student trains every weight"
+            )
+            raise ValueError(msg)
+        return self
 
 
 class TrainingSection(_Section):
@@ -392,7 +419,7 @@ class DistillJob:
         return train, held, dropped
 
     def _train_settings(self) -> Any:
-        from langchain_understudy.distill_jobs.training import TrainSettings
+        from langchain_understudy.distill_jobs.training import LoraSettings, TrainSettings
 
         s, t = self.config.student, self.config.training
         return TrainSettings(
@@ -407,6 +434,14 @@ class DistillJob:
             vocab_size=s.vocab_size,
             size=ScratchSize(s.hidden, s.layers, s.heads, s.kv_heads, s.ffn, s.context),
             base_checkpoint=str(s.base_checkpoint) if s.base_checkpoint else None,
+            lora=LoraSettings(
+                r=s.lora.r,
+                alpha=s.lora.alpha,
+                dropout=s.lora.dropout,
+                target_modules=tuple(s.lora.target_modules),
+            )
+            if s.lora is not None
+            else None,
         )
 
     def run(self, *, resume: bool = False) -> JobResult:
@@ -578,6 +613,7 @@ class DistillJob:
             "train_seconds": result.seconds,
             "final_loss": result.final_loss,
             "n_params": result.n_params,
+            "n_trainable": result.n_trainable,
             "dropped": dropped,
             "relabel": relabelled,
             "gate": {"passed": passed, "reason": reason},

@@ -25,6 +25,7 @@ from langchain_understudy.errors import ConfigError
 
 __all__ = [
     "IGNORE_INDEX",
+    "LoraSettings",
     "TrainResult",
     "TrainSettings",
     "encode_example",
@@ -35,6 +36,16 @@ __all__ = [
 
 #: Label value for prompt and padding positions: excluded from the loss.
 IGNORE_INDEX = -100
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapters trained on a base checkpoint and merged into it before export."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 @dataclass
@@ -54,6 +65,7 @@ class TrainSettings:
     size: ScratchSize = field(default_factory=ScratchSize)
     base_checkpoint: str | None = None
     threads: int | None = None
+    lora: LoraSettings | None = None
 
 
 @dataclass
@@ -68,6 +80,7 @@ class TrainResult:
     n_train: int
     n_skipped_long: int
     n_params: int
+    n_trainable: int | None = None
 
     def save(self, out_dir: Path) -> None:
         """Record the result next to the checkpoint so a resumed job can skip training."""
@@ -130,12 +143,36 @@ def _load_or_create(
             tok.pad_token = tok.eos_token
         model = AutoModelForCausalLM.from_pretrained(str(base))
         max_len = int(getattr(model.config, "max_position_embeddings", 2048))
+        if settings.lora is not None:
+            model = _with_lora(model, settings.lora)
         return model, tok, max_len
     tok_dir = out / "tokenizer"
     texts = (t for ex in examples for t in (ex.prompt, ex.target))
     tok = build_tokenizer(texts, tok_dir, vocab_size=settings.vocab_size)
     model = init_student(tok, settings.size, seed=settings.seed)
     return model, tok, settings.size.context
+
+
+def _with_lora(model: Any, lora: LoraSettings) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    missing = [
+        m for m in lora.target_modules if not any(n.endswith(m) for n, _ in model.named_modules())
+    ]
+    if missing:
+        msg = (
+            f"LoRA target modules {missing} are not in the base checkpoint; llama-family names "
+            "are q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"
+        )
+        raise ConfigError(msg)
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
 
 
 def train_student(
@@ -244,7 +281,11 @@ def train_student(
     )
     trainer.train(resume_from_checkpoint=str(ckpts[-1]) if resume and ckpts else None)
     final = out / "final"
-    trainer.save_model(str(final))
+    if settings.lora is not None:
+        # adapters merged into the base weights: the export sees a plain llama checkpoint
+        trainer.model.merge_and_unload().save_pretrained(str(final))
+    else:
+        trainer.save_model(str(final))
     tok.save_pretrained(str(final))
     losses = [(int(r["step"]), float(r["loss"])) for r in trainer.state.log_history if "loss" in r]
     result = TrainResult(
@@ -256,6 +297,7 @@ def train_student(
         n_train=len(data),
         n_skipped_long=len(encoded) - len(data),
         n_params=sum(p.numel() for p in model.parameters()),
+        n_trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
     )
     result.save(out)
     return result

@@ -13,8 +13,8 @@ from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 
 from langchain_understudy.errors import ArtifactError, ConfigError
 from langchain_understudy.router import signals as sig
-from langchain_understudy.router.teachers import PrivacyPolicy
 from langchain_understudy.router.signals import OODIndex, RoutingContext, RoutingRules, SignalAbsent
+from langchain_understudy.router.teachers import PrivacyPolicy
 
 
 def _ctx(*texts: str, **kw: object) -> RoutingContext:
