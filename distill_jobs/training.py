@@ -276,6 +276,8 @@ def train_student(
         data_collator=lambda feats: pad_batch(feats, pad_id),
         callbacks=[_Budget()],
     )
+    n_params = sum(p.numel() for p in model.parameters())
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     ckpts = sorted(
         (out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])
     )
@@ -283,7 +285,8 @@ def train_student(
     final = out / "final"
     if settings.lora is not None:
         # adapters merged into the base weights: the export sees a plain llama checkpoint
-        trainer.model.merge_and_unload().save_pretrained(str(final))
+        peft_model: Any = trainer.model
+        peft_model.merge_and_unload().save_pretrained(str(final))
     else:
         trainer.save_model(str(final))
     tok.save_pretrained(str(final))
@@ -296,8 +299,8 @@ def train_student(
         losses=losses,
         n_train=len(data),
         n_skipped_long=len(encoded) - len(data),
-        n_params=sum(p.numel() for p in model.parameters()),
-        n_trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        n_params=n_params,
+        n_trainable=n_trainable,
     )
     result.save(out)
     return result
