@@ -84,7 +84,7 @@ class DemoSettings:
     """
 
     traces: int = 1600
-    epochs: float = 10.0
+    epochs: float = 30.0
     max_minutes: float = 3.0
     hidden: int = 64
     layers: int = 2
