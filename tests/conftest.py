@@ -73,6 +73,23 @@ def tiny_gguf(tiny_gguf_f32: Path) -> Path:
     return quantize_gguf(tiny_gguf_f32, tiny_gguf_f32.with_name("tiny.Q8_0.gguf"), "Q8_0")
 
 
+#: The student and optimisation tables of a job that learns the colour task in seconds.
+TINY_JOB_TABLES = """
+[student]
+hidden = 64
+layers = 2
+heads = 4
+kv_heads = 2
+ffn = 128
+context = 128
+vocab_size = 400
+
+[training]
+epochs = 4
+batch_size = 16
+learning_rate = 3e-3
+"""
+
 COLORS = "red green blue yellow black white orange purple".split()
 ITEMS = "car house cat dog tree boat lamp chair".split()
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import color_traces
+from conftest import TINY_JOB_TABLES, color_traces
 from filelock import FileLock
 
 from langchain_understudy.distill_jobs.job import DistillConfig, DistillJob, JobLockedError
@@ -16,27 +16,13 @@ from langchain_understudy.students import StudentRegistry
 
 pytestmark = pytest.mark.slow
 
-JOB = """
+JOB = f"""
 name = "colors"
 traces = "traces.sqlite"
 registry = "students"
 work_dir = "runs"
 heldout_fraction = 0.1
-
-[student]
-hidden = 64
-layers = 2
-heads = 4
-kv_heads = 2
-ffn = 128
-context = 128
-vocab_size = 400
-
-[training]
-epochs = 4
-batch_size = 16
-learning_rate = 3e-3
-save_every = 20
+{TINY_JOB_TABLES}save_every = 20
 
 [package]
 quant_types = ["Q8_0", "Q4_K_M"]

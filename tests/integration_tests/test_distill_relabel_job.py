@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import color_traces
+from conftest import TINY_JOB_TABLES, color_traces
 
 from langchain_understudy.distill_jobs.traces import RELABELLED, TraceStore
 from langchain_understudy.plugin.cli import main
@@ -15,7 +15,7 @@ from langchain_understudy.students import StudentRegistry
 
 pytestmark = pytest.mark.slow
 
-JOB = """
+JOB = f"""
 name = "colors-relabel"
 traces = "traces.sqlite"
 registry = "students"
@@ -24,26 +24,13 @@ heldout_fraction = 0.1
 
 [teacher]
 kind = "gguf"
-path = "{teacher}"
+path = "{{teacher}}"
 
 [relabel]
 mode = "missing"
 max_concurrency = 2
 
-[student]
-hidden = 64
-layers = 2
-heads = 4
-kv_heads = 2
-ffn = 128
-context = 128
-vocab_size = 400
-
-[training]
-epochs = 4
-batch_size = 16
-learning_rate = 3e-3
-
+{TINY_JOB_TABLES}
 [gate]
 min_exact_match = 0.8
 """
