@@ -262,7 +262,7 @@ def _iso(value: Any) -> str:
 
 
 class DistillJob:
-    """Run a distillation job: dataset → train → export → quantize → evaluate → gate → register.
+    """Run a distillation job: relabel → dataset → train → export → quantize → evaluate → register.
 
     Every stage writes its outputs into a run folder and records completion in ``state.json``, so
     ``run(resume=True)`` continues an interrupted run (training from its last checkpoint). Nothing
@@ -274,6 +274,8 @@ class DistillJob:
         progress: Show progress bars.
         embeddings: LangChain ``Embeddings`` for the knowledge store and the out-of-distribution
             index (default: the bundled all-MiniLM-L6-v2); must be the ones that built the store.
+        teacher: A LangChain chat model asked by ``[relabel]`` (``understudy distill run`` builds
+            it from the job's ``[teacher]`` table); ``None`` with relabelling on is an error.
 
     Example:
         >>> job = DistillJob(DistillConfig.from_toml("job.toml"))  # doctest: +SKIP
