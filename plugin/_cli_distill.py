@@ -43,6 +43,16 @@ def _summary(result: object) -> str:
             f"{m.get('latency_ms_p50', 0):.1f} / {m.get('latency_ms_p95', 0):.1f}",
         ],
         ["train examples / steps", f"{m.get('n_train')} / {m.get('train_steps')}"],
+        *(
+            [
+                [
+                    "relabelled (answered / failed / over budget)",
+                    f"{r['answered']} / {r['failed']} / {r['over_budget']}",
+                ]
+            ]
+            if (r := m.get("relabel"))
+            else []
+        ),
         ["train time s", m.get("train_seconds")],
         ["run folder", result.run_dir],
     ]

@@ -51,7 +51,9 @@ def test_unanswered_prompts_are_answered_by_the_teacher_then_distilled(
 
     (tmp_path / "job.toml").write_text(JOB.format(teacher=trained_gguf))
     assert main(["distill", "run", "--config", str(tmp_path / "job.toml"), "--quiet"]) == 0
-    assert "promoted" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "promoted" in out
+    assert "relabelled (answered / failed / over budget)  400 / 0 / 0" in out
 
     store = TraceStore(store_path)
     relabelled = [t for t in store.iter_traces() if RELABELLED in t.tags]
