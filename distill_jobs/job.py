@@ -436,14 +436,7 @@ class DistillJob:
             vocab_size=s.vocab_size,
             size=ScratchSize(s.hidden, s.layers, s.heads, s.kv_heads, s.ffn, s.context),
             base_checkpoint=str(s.base_checkpoint) if s.base_checkpoint else None,
-            lora=LoraSettings(
-                r=s.lora.r,
-                alpha=s.lora.alpha,
-                dropout=s.lora.dropout,
-                target_modules=tuple(s.lora.target_modules),
-            )
-            if s.lora is not None
-            else None,
+            lora=LoraSettings(**s.lora.model_dump()) if s.lora is not None else None,
         )
 
     def run(self, *, resume: bool = False) -> JobResult:
@@ -504,6 +497,7 @@ class DistillJob:
         relabelled = self._relabel()
         if relabelled is not None:
             timings["relabel"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
         traces, snapshot, until = self._traces()
         if not traces:
             return JobResult("skipped", "no new traces since the last build")
@@ -713,13 +707,7 @@ class DistillJob:
 
 def _teacher_model(traces: Sequence[Any]) -> str:
     """The model that gave most of the answers trained on (prompts awaiting one do not count)."""
-    from langchain_understudy.prompting import message_text
-
-    names = Counter(
-        str(getattr(t, "model", None) or "unknown")
-        for t in traces
-        if not getattr(t, "error", None) and (message_text(t.answer) or t.answer.tool_calls)
-    )
+    names = Counter(str(t.model or "unknown") for t in traces if t.has_answer)
     return names.most_common(1)[0][0] if names else "unknown"
 
 

@@ -21,14 +21,14 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage
 
 from langchain_understudy.distill_jobs.traces import RELABELLED, Trace, TraceStore
-from langchain_understudy.prompting import message_text
+from langchain_understudy.prompting import message_text, model_name_of
 
 __all__ = ["RelabelReport", "relabel_traces", "traces_to_relabel"]
 
@@ -61,19 +61,7 @@ class RelabelReport:
 
     def summary(self) -> dict[str, Any]:
         """The report as a JSON-ready dict (``errors`` cut to five)."""
-        return {
-            "wanted": self.wanted,
-            "answered": self.answered,
-            "failed": self.failed,
-            "over_budget": self.over_budget,
-            "calls": self.calls,
-            "seconds": round(self.seconds, 3),
-            "errors": self.errors[:5],
-        }
-
-
-def _needs_answer(t: Trace) -> bool:
-    return bool(t.error) or (not message_text(t.answer) and not t.answer.tool_calls)
+        return {**asdict(self), "seconds": round(self.seconds, 3), "errors": self.errors[:5]}
 
 
 def traces_to_relabel(store: TraceStore, mode: RelabelMode, teacher_model: str) -> list[Trace]:
@@ -97,7 +85,7 @@ def traces_to_relabel(store: TraceStore, mode: RelabelMode, teacher_model: str) 
         else:
             sources.append(t)
     if mode == "missing":
-        return [t for t in sources if _needs_answer(t) and t.id not in done_any]
+        return [t for t in sources if not t.has_answer and t.id not in done_any]
     return [t for t in sources if t.id not in done_by_model]
 
 
@@ -135,7 +123,7 @@ def relabel_traces(
     if max_concurrency < 1:
         msg = f"max_concurrency must be at least 1, got {max_concurrency}"
         raise ValueError(msg)
-    name = teacher_model or _model_name(teacher)
+    name = teacher_model or model_name_of(teacher)
     todo = traces_to_relabel(store, mode, name)
     report = RelabelReport(wanted=len(todo))
     t0 = time.perf_counter()
@@ -203,11 +191,3 @@ def relabel_traces(
                 finish(pending.pop(fut), fut)
     report.seconds = time.perf_counter() - t0
     return report
-
-
-def _model_name(model: Any) -> str:
-    for attr in ("model_name", "model", "model_id"):
-        value = getattr(model, attr, None)
-        if isinstance(value, str) and value:
-            return value
-    return type(model).__name__

@@ -60,6 +60,7 @@ from langchain_core.messages import (
 )
 
 from langchain_understudy.errors import TraceError
+from langchain_understudy.prompting import message_text
 
 if TYPE_CHECKING:
     from langchain_understudy.distill_jobs.redact import Redactor
@@ -287,6 +288,11 @@ class Trace:
     error: str | None = None
     created_at: datetime = field(default_factory=_now)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    @property
+    def has_answer(self) -> bool:
+        """Whether the call succeeded with an answer (text or tool calls) to learn from."""
+        return not self.error and bool(message_text(self.answer) or self.answer.tool_calls)
 
     @property
     def content_hash(self) -> str:

@@ -45,7 +45,7 @@ class LoraSettings:
     r: int = 16
     alpha: int = 32
     dropout: float = 0.05
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 @dataclass

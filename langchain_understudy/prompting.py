@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -49,6 +50,7 @@ __all__ = [
     "Fact",
     "document_to_fact",
     "message_text",
+    "model_name_of",
     "render_answer",
     "render_prompt",
     "render_turns",
@@ -141,6 +143,25 @@ def select_facts(
         fact = document_to_fact(doc)
         out.append(fact if details else Fact(text=fact.text))
     return out
+
+
+def model_name_of(model: object) -> str:
+    """Best-effort name of a LangChain chat model, as traces, metadata and audit logs record it.
+
+    Example:
+        >>> from langchain_core.language_models.fake_chat_models import FakeListChatModel
+        >>> model_name_of(FakeListChatModel(responses=["x"]))
+        'fake-list-chat-model'
+    """
+    for attr in ("model_name", "model", "model_id", "model_path"):
+        v = getattr(model, attr, None)
+        if isinstance(v, str):
+            if v:
+                return v
+        elif isinstance(v, os.PathLike):
+            return os.path.basename(os.fspath(v))
+    llm_type = getattr(model, "_llm_type", None)
+    return str(llm_type or type(model).__name__)
 
 
 def message_text(message: BaseMessage) -> str:

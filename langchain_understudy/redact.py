@@ -217,9 +217,10 @@ class Redactor:
         *,
         builtins: Iterable[str] = BUILTIN_KINDS,
     ) -> None:
-        # An agent re-sends its system prompt and the whole history on every call: remember
-        # recent results so each distinct text is scanned once.
-        self._cached = functools.lru_cache(maxsize=_CACHE_SIZE)(self._redact)
+        # An agent re-sends its system prompt and the whole history on every call, and the
+        # router checks that history on every request: remember recent findings so each
+        # distinct text is scanned once, for redaction and privacy checks alike.
+        self._cached = functools.lru_cache(maxsize=_CACHE_SIZE)(self._find)
         self._detectors: list[_Detector] = []
         for kind in builtins:
             key = kind.upper()
@@ -248,6 +249,11 @@ class Redactor:
 
     def find(self, text: str) -> list[PiiMatch]:
         """Return the PII in ``text``, in order, without overlaps (earliest, then longest, wins)."""
+        if len(text) <= _CACHE_MAX_CHARS:
+            return list(self._cached(text))
+        return list(self._find(text))
+
+    def _find(self, text: str) -> tuple[PiiMatch, ...]:
         found: list[PiiMatch] = []
         digits = len(text) - len(_DIGITS.sub("", text))
         for d in self._detectors:
@@ -267,7 +273,7 @@ class Redactor:
             if p.start >= end:
                 out.append(p)
                 end = p.end
-        return out
+        return tuple(out)
 
     @staticmethod
     def _candidates(text: str, d: _Detector) -> Iterable[re.Match[str]]:
@@ -301,11 +307,6 @@ class Redactor:
 
     def redact(self, text: str) -> str:
         """Return ``text`` with every match replaced by its placeholder."""
-        if len(text) <= _CACHE_MAX_CHARS:
-            return self._cached(text)
-        return self._redact(text)
-
-    def _redact(self, text: str) -> str:
         matches = self.find(text)
         if not matches:
             return text

@@ -1174,13 +1174,15 @@ class KnowledgeStore(VectorStore):
     def _allowed(self, flt: MetadataFilter | None, as_of: TimeLike | None) -> IdSet | None:
         if flt is None and as_of is None:
             return None if self._all_current else self._current
+        span: float | None = None  # as_of without a filter: its row set is cached per span
         if as_of is None:
             where, params = ["valid_to IS NULL"], []
         else:
             t = to_timestamp(as_of)
-            span = self._validity_span(t)
-            if flt is None and span in self._as_of_ids:  # many searches at one time (training)
-                return self._as_of_ids[span]
+            if flt is None:
+                span = self._validity_span(t)
+                if span in self._as_of_ids:  # many searches at one time (training prompts)
+                    return self._as_of_ids[span]
             where = ["valid_from <= ?", "(valid_to IS NULL OR valid_to > ?)"]
             params = [t, t]
         if flt is not None and not callable(flt):
@@ -1198,10 +1200,10 @@ class KnowledgeStore(VectorStore):
             ]
             return IdSet(np.array(keep, dtype=np.int64))
         ids = IdSet(self._fetch_ids(f"SELECT vid FROM facts WHERE {sql}", params))
-        if flt is None and as_of is not None:
+        if span is not None:
             if len(self._as_of_ids) >= 256:
                 self._as_of_ids.clear()
-            self._as_of_ids[self._validity_span(to_timestamp(as_of))] = ids
+            self._as_of_ids[span] = ids
         return ids
 
     def _validity_span(self, t: float) -> float:

@@ -35,7 +35,7 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, SystemMessage
 
 from langchain_understudy.errors import ConfigError, TeacherUnavailableError
-from langchain_understudy.prompting import message_text
+from langchain_understudy.prompting import message_text, model_name_of
 from langchain_understudy.redact import BUILTIN_KINDS, Redactor
 
 if TYPE_CHECKING:
@@ -57,19 +57,6 @@ PII_KINDS: tuple[str, ...] = tuple(k.lower() for k in BUILTIN_KINDS)
 
 _MINUTE = 60.0
 _DAY = 86_400.0
-
-
-def model_name_of(model: Any) -> str:
-    """Best-effort model name of a LangChain chat model (for metadata and audit logs)."""
-    for attr in ("model_name", "model", "model_id", "model_path"):
-        v = getattr(model, attr, None)
-        if isinstance(v, str):
-            if v:
-                return v
-        elif isinstance(v, os.PathLike):
-            return os.path.basename(os.fspath(v))
-    llm_type = getattr(model, "_llm_type", None)
-    return str(llm_type or type(model).__name__)
 
 
 def _is_loopback(url: str) -> bool:

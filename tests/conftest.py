@@ -73,8 +73,19 @@ def tiny_gguf(tiny_gguf_f32: Path) -> Path:
     return quantize_gguf(tiny_gguf_f32, tiny_gguf_f32.with_name("tiny.Q8_0.gguf"), "Q8_0")
 
 
-#: The student and optimisation tables of a job that learns the colour task in seconds.
-TINY_JOB_TABLES = """
+def tiny_job_toml(name: str, tables: str = "") -> str:
+    """A job file (paths relative to it) that learns the colour task in seconds; ``tables`` adds
+    or extends TOML tables after the tiny ``[student]`` and ``[training]`` ones."""
+    return f"""
+name = "{name}"
+traces = "traces.sqlite"
+registry = "students"
+work_dir = "runs"
+heldout_fraction = 0.1
+{_TINY_JOB_TABLES}{tables}"""
+
+
+_TINY_JOB_TABLES = """
 [student]
 hidden = 64
 layers = 2

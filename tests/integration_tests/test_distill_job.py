@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import TINY_JOB_TABLES, color_traces
+from conftest import color_traces, tiny_job_toml
 from filelock import FileLock
 
 from langchain_understudy.distill_jobs.job import DistillConfig, DistillJob, JobLockedError
@@ -16,13 +16,9 @@ from langchain_understudy.students import StudentRegistry
 
 pytestmark = pytest.mark.slow
 
-JOB = f"""
-name = "colors"
-traces = "traces.sqlite"
-registry = "students"
-work_dir = "runs"
-heldout_fraction = 0.1
-{TINY_JOB_TABLES}save_every = 20
+JOB = tiny_job_toml(
+    "colors",
+    """save_every = 20
 
 [package]
 quant_types = ["Q8_0", "Q4_K_M"]
@@ -30,7 +26,8 @@ serve = "Q8_0"
 
 [gate]
 min_exact_match = 0.8
-"""
+""",
+)
 
 
 def _write_traces(path: Path, traces: list[dict]) -> Path:

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import TINY_JOB_TABLES, color_traces
+from conftest import color_traces, tiny_job_toml
 
 from langchain_understudy.distill_jobs.traces import RELABELLED, TraceStore
 from langchain_understudy.plugin.cli import main
@@ -15,25 +15,21 @@ from langchain_understudy.students import StudentRegistry
 
 pytestmark = pytest.mark.slow
 
-JOB = f"""
-name = "colors-relabel"
-traces = "traces.sqlite"
-registry = "students"
-work_dir = "runs"
-heldout_fraction = 0.1
-
+JOB = tiny_job_toml(
+    "colors-relabel",
+    """
 [teacher]
 kind = "gguf"
-path = "{{teacher}}"
+path = "{teacher}"
 
 [relabel]
 mode = "missing"
 max_concurrency = 2
 
-{TINY_JOB_TABLES}
 [gate]
 min_exact_match = 0.8
-"""
+""",
+)
 
 
 def test_unanswered_prompts_are_answered_by_the_teacher_then_distilled(

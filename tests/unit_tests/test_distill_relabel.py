@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
+from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatResult
 
 from langchain_understudy.distill_jobs.relabel import relabel_traces, traces_to_relabel
@@ -153,4 +153,3 @@ def test_conversations_keep_the_newest_answer(tmp_path: Path) -> None:
     pairs = [(t.messages, t.answer, {}) for t in store.iter_traces()]
     examples, _ = build_examples(pairs)
     assert sorted(e.answer for e in examples) == ["re: a0", "re: a1"]
-    assert all(isinstance(e.messages[0], HumanMessage) for e in examples)
