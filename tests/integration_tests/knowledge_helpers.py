@@ -74,7 +74,7 @@ def snapshot(store: Any, queries: list[str]) -> dict[str, Any]:
 
 def _crash_at(stage: str) -> None:
     """Arrange for this process to SIGKILL itself at ``stage`` of the next write."""
-    from langchain_understudy.retrieval import _faiss, vectorstores
+    from langchain_understudy.retrieval import _engine, _faiss
 
     def die() -> None:
         sys.stdout.flush()
@@ -101,7 +101,7 @@ def _crash_at(stage: str) -> None:
 
         _faiss.VectorIndex.save = save_then_die  # type: ignore[method-assign]
     elif stage in ("before-commit", "after-commit"):
-        real_commit = vectorstores.KnowledgeStore._commit
+        real_commit = _engine.FactEngine._commit
 
         class Proxy:
             def __init__(self, con: Any) -> None:
@@ -123,7 +123,7 @@ def _crash_at(stage: str) -> None:
                 self._con = Proxy(self._con)
             return real_commit(self, **kw)
 
-        vectorstores.KnowledgeStore._commit = commit  # type: ignore[method-assign]
+        _engine.FactEngine._commit = commit  # type: ignore[method-assign]
 
 
 def big_write(path: str, n: int, stage: str | None) -> None:

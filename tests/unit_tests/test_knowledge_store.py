@@ -101,10 +101,10 @@ def test_writing_the_same_fact_again_changes_nothing(
     store: KnowledgeStore, emb: CountingEmbeddings
 ) -> None:
     store.add_texts(["a", "b"], [{"x": 1}, {"x": 2}], ids=["1", "2"])
-    before = (emb.texts, replace(store.stats(), disk_bytes=0), store._revision)
+    before = (emb.texts, replace(store.stats(), disk_bytes=0), store._engine.revision)
     result = store.upsert(["a", "b"], [{"x": 1}, {"x": 2}], ids=["1", "2"])
     assert (result.unchanged, result.added, result.replaced) == (2, 0, 0)
-    assert (emb.texts, replace(store.stats(), disk_bytes=0), store._revision) == before
+    assert (emb.texts, replace(store.stats(), disk_bytes=0), store._engine.revision) == before
     # New metadata is a new version, but the text's vector comes from the cache.
     result = store.upsert(["a"], [{"x": 3}], ids=["1"])
     assert result.replaced == 1 and emb.texts == before[0]
@@ -336,7 +336,7 @@ def test_rebuild_switches_embeddings_and_index_kind(
 def test_damaged_index_says_how_to_rebuild(tmp_path: Path, emb: CountingEmbeddings) -> None:
     store = KnowledgeStore(tmp_path / "kb", emb)
     store.add_texts(["a", "b"], ids=["1", "2"])
-    (index_file,) = (tmp_path / "kb").glob("index-*.faiss")
+    (index_file,) = (tmp_path / "kb").glob("seg-*.faiss")
     data = bytearray(index_file.read_bytes())
     data[-20] ^= 0x55
     index_file.write_bytes(bytes(data))
@@ -427,11 +427,121 @@ async def test_async_api(store: KnowledgeStore) -> None:
     assert await store.asimilarity_search("x", k=1) == []
 
 
-def test_ivf_retrains_as_it_grows(tmp_path: Path, emb: CountingEmbeddings) -> None:
+def test_ivf_segments_get_cells_for_their_size(tmp_path: Path, emb: CountingEmbeddings) -> None:
     store = KnowledgeStore(tmp_path / "kb", emb, index="ivf")
     store.add_texts([f"a{i}" for i in range(50)])
-    first = store._vindex.nlist if store._vindex else None
     store.add_texts([f"b{i}" for i in range(3000)])
-    assert store._vindex is not None and first is not None and store._vindex.nlist > 2 * first
+    small, large = store._engine._segments
+    assert small.index.kind == "flat" and small.index.ntotal == 50  # small writes stay exact
+    assert large.index.kind == "ivf" and large.index.nlist is not None
+    assert large.index.nlist >= 70
     assert store.similarity_search("b17", k=1)[0].page_content == "b17"
+    assert store.similarity_search("a17", k=1)[0].page_content == "a17"
     assert len(store.similarity_search("b17", k=40)) == 40
+    assert store.compact() == 0
+    (merged,) = store._engine._segments
+    assert merged.index.kind == "ivf" and merged.index.nlist is not None
+    assert merged.index.nlist > large.index.nlist
+    assert store.similarity_search("a17", k=1)[0].page_content == "a17"
+
+
+def _format_1_store(path: Path, emb: CountingEmbeddings, texts: list[str]) -> None:
+    """Write a store as format 1 wrote it: one index file, named by its generation."""
+    import zlib
+
+    from langchain_understudy.retrieval._faiss import faiss, normalize
+    from langchain_understudy.retrieval.embeddings import embeddings_name
+
+    path.mkdir()
+    con = sqlite3.connect(path / "knowledge.sqlite")
+    con.execute("CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID")
+    con.execute(
+        "CREATE TABLE facts (vid INTEGER PRIMARY KEY, key TEXT NOT NULL, version INTEGER NOT "
+        "NULL, valid_from REAL NOT NULL, valid_to REAL, written_at REAL NOT NULL, text TEXT NOT "
+        "NULL, metadata TEXT NOT NULL, content_hash TEXT NOT NULL)"
+    )
+    con.execute("CREATE TABLE dead (vid INTEGER PRIMARY KEY)")
+    rows = [
+        (i + 1, f"k{i}", 1, 1.7e9, None, 1.7e9, t, "{}", hashlib.sha256(t.encode()).hexdigest())
+        for i, t in enumerate(texts)
+    ]
+    con.executemany("INSERT INTO facts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+    index = faiss.IndexIDMap2(faiss.IndexFlatIP(emb.size))
+    vectors = normalize(emb.embed_documents(texts))
+    index.add_with_ids(vectors, np.arange(1, len(texts) + 1, dtype=np.int64))
+    data = faiss.serialize_index(index)
+    (path / "index-00000003.faiss").write_bytes(data.tobytes())
+    meta = {
+        "format": "langchain-understudy knowledge store",
+        "format_version": "1",
+        "created_at": "1700000000",
+        "index_kind": "flat",
+        "dim": str(emb.size),
+        "embedding": embeddings_name(emb),
+        "generation": "3",
+        "revision": "7",
+        "next_vid": str(len(texts) + 1),
+        "index_size": str(data.size),
+        "index_crc": str(zlib.crc32(data.tobytes())),
+    }
+    con.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
+    con.commit()
+    con.close()
+
+
+def test_stores_of_format_1_open_and_upgrade_in_place(
+    tmp_path: Path, emb: CountingEmbeddings
+) -> None:
+    texts = [f"old fact {i}" for i in range(20)]
+    _format_1_store(tmp_path / "kb", emb, texts)
+    store = KnowledgeStore(tmp_path / "kb", emb)
+    assert store.similarity_search("old fact 7", k=1)[0].id == "k7"
+    assert len(store) == 20 and store.stats().vectors == 20
+    assert [s.file for s in store.segments()] == ["index-00000003.faiss"]  # not rewritten
+    store.add_texts(["old fact 7, revised"], ids=["k7"])
+    assert store.similarity_search("old fact 7, revised", k=1)[0].page_content.endswith("revised")
+    assert [v.version for v in store.history("k7")] == [1, 2]
+    store.compact()
+    assert not list((tmp_path / "kb").glob("index-*.faiss"))
+    again = KnowledgeStore(tmp_path / "kb", emb)
+    assert again.similarity_search("old fact 3", k=1)[0].id == "k3"
+    assert again._engine.meta()["format_version"] == "2"
+
+
+def test_a_newer_format_is_refused_clearly(tmp_path: Path, emb: CountingEmbeddings) -> None:
+    KnowledgeStore(tmp_path / "kb", emb).add_texts(["x"])
+    con = sqlite3.connect(tmp_path / "kb" / "knowledge.sqlite")
+    con.execute("UPDATE meta SET value = '9' WHERE name = 'format_version'")
+    con.commit()
+    con.close()
+    with pytest.raises(KnowledgeStoreError, match="format version '9'.*upgrade the package"):
+        KnowledgeStore(tmp_path / "kb", emb)
+
+
+def test_writes_append_segments_and_small_ones_merge(
+    tmp_path: Path, emb: CountingEmbeddings
+) -> None:
+    store = KnowledgeStore(tmp_path / "kb", emb, index="hnsw")
+    store.add_texts([f"bulk {i}" for i in range(600)], ids=[f"b{i}" for i in range(600)])
+    (bulk,) = store.segments()
+    assert (bulk.kind, bulk.vectors) == ("hnsw", 600)
+    between = datetime.now(UTC)
+    files = {bulk.file: (tmp_path / "kb" / bulk.file).stat().st_mtime_ns}
+    for i in range(7):  # single-fact writes: one small exact segment each
+        store.add_texts([f"single {i}"], ids=[f"s{i}"])
+    segs = store.segments()
+    assert len(segs) == 8 and [s.kind for s in segs[1:]] == ["flat"] * 7
+    assert (tmp_path / "kb" / bulk.file).stat().st_mtime_ns == files[bulk.file]  # untouched
+    store.add_texts(["single 7"], ids=["b3"])  # the 8th: the small ones merge into one
+    segs = store.segments()
+    assert [(s.kind, s.vectors, s.current) for s in segs] == [("hnsw", 600, 599), ("flat", 8, 8)]
+    for key, text in (("s3", "single 3"), ("b3", "single 7"), ("b5", "bulk 5")):
+        (doc, score), *_ = store.similarity_search_with_score(text, k=2)
+        assert doc.id == key and score == pytest.approx(1.0, abs=1e-5)
+    past = store.similarity_search("bulk 3", k=1, as_of=between)
+    assert [d.page_content for d in past] == ["bulk 3"]  # the replaced version, in the old segment
+    assert store.compact() == 0  # nothing erased: history stays, all merged into one
+    (one,) = store.segments()
+    assert (one.kind, one.vectors, one.current) == ("hnsw", 608, 607)
+    assert store.similarity_search("single 7", k=1)[0].id == "b3"
+    assert store.history("b3")[0].text == "bulk 3"
