@@ -1,15 +1,18 @@
-"""``understudy serve``: an OpenAI-compatible HTTP API over the routed understudy.
+r"""``understudy serve``: an OpenAI-compatible HTTP API over the routed understudy.
 
 Endpoints: ``POST /v1/chat/completions`` (with and without ``stream``), ``GET /v1/models``,
-``GET /healthz`` and ``GET /metrics`` (Prometheus text format: request counts, a latency histogram,
-who answered and the teacher-call rate). Any OpenAI client can point its ``base_url`` at
-``http://127.0.0.1:8321/v1``.
+``GET /healthz`` and ``GET /metrics`` (Prometheus text format rendered by ``prometheus-client``:
+request counts, a latency histogram, who answered and the teacher-call rate). Any OpenAI client
+can point its ``base_url`` at ``http://127.0.0.1:8321/v1``.
 
 Safety: the server binds 127.0.0.1 by default and refuses any other address unless the API key
 variable (``server.api_key_env``, default ``UNDERSTUDY_API_KEY``) is set, in which case every
 ``/v1`` and ``/metrics`` request must carry ``Authorization: Bearer <key>``. Request bodies and
 ``max_tokens`` are capped. Malformed requests get OpenAI-style 4xx JSON errors
-(``{"error": {"message", "type", "param", "code"}}``), never a 500 or a hang.
+(``{"error": {"message", "type", "param", "code"}}``), never a 500 or a hang: bodies that are not
+UTF-8 JSON objects, JSON nested deeper than :data:`MAX_JSON_DEPTH` levels, and strings holding a
+lone UTF-16 surrogate (a JSON ``\ud800`` escape without its low half, which no UTF-8 text can
+carry) are refused with a 400 naming the offending field.
 """
 
 from __future__ import annotations
@@ -19,17 +22,19 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
+import numbers
 import os
 import socket
 import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from langchain_core.messages import (
     AIMessage,
     AIMessageChunk,
@@ -38,6 +43,14 @@ from langchain_core.messages import (
     SystemMessage,
     ToolMessage,
 )
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -51,6 +64,7 @@ from langchain_understudy.errors import (
 
 __all__ = [
     "LATENCY_BUCKETS",
+    "MAX_JSON_DEPTH",
     "ServerMetrics",
     "ServerThread",
     "check_bind",
@@ -65,6 +79,9 @@ logger = logging.getLogger(__name__)
 LATENCY_BUCKETS: tuple[float, ...] = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
+
+#: Deepest nesting of arrays and objects accepted in a request body.
+MAX_JSON_DEPTH = 64
 
 _ENDPOINTS = ("/v1/chat/completions", "/v1/models", "/healthz", "/metrics")
 
@@ -105,8 +122,12 @@ def check_bind(host: str, api_key: str | None, api_key_env: str = "UNDERSTUDY_AP
 # -- metrics --------------------------------------------------------------------------------------------
 
 
-class ServerMetrics:
-    """Counters and a latency histogram, rendered in the Prometheus text format.
+class ServerMetrics(Collector):
+    """Counters and a latency histogram, exposed through ``prometheus-client``.
+
+    The counts live here (one lock, no global state, so several apps in one process keep their
+    own); :meth:`collect` turns them into metric families and :meth:`render` writes them in the
+    Prometheus text format with ``prometheus_client.generate_latest``.
 
     Example:
         >>> m = ServerMetrics()
@@ -126,6 +147,8 @@ class ServerMetrics:
         self.blocked = 0
         self.in_flight = 0
         self.started = time.time()
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
 
     def observe_request(self, path: str, status: int) -> None:
         """Count one HTTP request."""
@@ -152,51 +175,62 @@ class ServerMetrics:
             total = sum(self.answers.values())
             return self.answers["teacher"] / total if total else 0.0
 
-    def render(self) -> str:
-        """The metrics in the Prometheus text exposition format (version 0.0.4)."""
+    def collect(self) -> Iterator[Metric]:
+        """Yield the current values as Prometheus metric families (``Collector`` interface)."""
         rate = self.teacher_call_rate()
         with self._lock:
-            lines = [
-                "# HELP understudy_http_requests_total HTTP requests by endpoint and status code.",
-                "# TYPE understudy_http_requests_total counter",
-            ]
-            for (endpoint, status), n in sorted(self.requests.items()):
-                lines.append(
-                    f'understudy_http_requests_total{{endpoint="{endpoint}",code="{status}"}} {n}'
-                )
-            lines += [
-                "# HELP understudy_chat_completion_seconds Latency of chat completions.",
-                "# TYPE understudy_chat_completion_seconds histogram",
-            ]
-            for bound, n in zip(self.buckets, self.bucket_counts, strict=True):
-                lines.append(f'understudy_chat_completion_seconds_bucket{{le="{bound:g}"}} {n}')
-            lines.append(
-                f'understudy_chat_completion_seconds_bucket{{le="+Inf"}} {self.latency_count}'
+            requests = CounterMetricFamily(
+                "understudy_http_requests",
+                "HTTP requests by endpoint and status code.",
+                labels=["endpoint", "code"],
             )
-            lines.append(f"understudy_chat_completion_seconds_sum {self.latency_sum:.6f}")
-            lines.append(f"understudy_chat_completion_seconds_count {self.latency_count}")
-            lines += [
-                "# HELP understudy_answers_total Chat completions by who answered them.",
-                "# TYPE understudy_answers_total counter",
+            for (endpoint, status), n in sorted(self.requests.items()):
+                requests.add_metric([endpoint, str(status)], n)
+            # Bucket bounds keep their short form (le="1", not "1.0") for existing dashboards.
+            buckets = [
+                (f"{bound:g}", n) for bound, n in zip(self.buckets, self.bucket_counts, strict=True)
             ]
+            latency = HistogramMetricFamily(
+                "understudy_chat_completion_seconds",
+                "Latency of chat completions.",
+                buckets=[*buckets, ("+Inf", self.latency_count)],
+                sum_value=self.latency_sum,
+            )
+            answers = CounterMetricFamily(
+                "understudy_answers",
+                "Chat completions by who answered them.",
+                labels=["answered_by"],
+            )
             for by in sorted({"student", "teacher", *self.answers}):
-                lines.append(f'understudy_answers_total{{answered_by="{by}"}} {self.answers[by]}')
-            lines += [
-                "# HELP understudy_teacher_call_rate Share of completions answered by the teacher.",
-                "# TYPE understudy_teacher_call_rate gauge",
-                f"understudy_teacher_call_rate {rate:.6f}",
-                "# HELP understudy_escalations_blocked_total Escalations that could not reach the "
-                "teacher (none configured, down, over budget or private).",
-                "# TYPE understudy_escalations_blocked_total counter",
-                f"understudy_escalations_blocked_total {self.blocked}",
-                "# HELP understudy_in_flight_requests Chat completions being answered now.",
-                "# TYPE understudy_in_flight_requests gauge",
-                f"understudy_in_flight_requests {self.in_flight}",
-                "# HELP understudy_uptime_seconds Seconds since the server started.",
-                "# TYPE understudy_uptime_seconds gauge",
-                f"understudy_uptime_seconds {time.time() - self.started:.3f}",
-            ]
-        return "\n".join(lines) + "\n"
+                answers.add_metric([by], self.answers[by])
+            blocked = CounterMetricFamily(
+                "understudy_escalations_blocked",
+                "Escalations that could not reach the teacher (none configured, down, over "
+                "budget or private).",
+                value=self.blocked,
+            )
+            in_flight = self.in_flight
+        yield requests
+        yield latency
+        yield answers
+        yield GaugeMetricFamily(
+            "understudy_teacher_call_rate",
+            "Share of completions answered by the teacher.",
+            value=rate,
+        )
+        yield blocked
+        yield GaugeMetricFamily(
+            "understudy_in_flight_requests", "Chat completions being answered now.", in_flight
+        )
+        yield GaugeMetricFamily(
+            "understudy_uptime_seconds",
+            "Seconds since the server started.",
+            time.time() - self.started,
+        )
+
+    def render(self) -> str:
+        """The metrics in the Prometheus text exposition format."""
+        return generate_latest(self.registry).decode("utf-8")
 
 
 # -- request model --------------------------------------------------------------------------------------
@@ -310,6 +344,83 @@ def _to_messages(req: ChatCompletionRequest) -> list[BaseMessage]:
     return out
 
 
+def _check_json(value: Any) -> None:
+    """Refuse JSON nested deeper than :data:`MAX_JSON_DEPTH` or holding lone UTF-16 surrogates.
+
+    ``json.loads`` accepts a lone surrogate escape and returns a string no UTF-8 encoder (the tokenizer,
+    SQLite, the response) can write; it is cheaper to name the field now than to fail later.
+    The walk is iterative, so a deep body cannot exhaust the stack here either.
+    """
+    stack: list[tuple[Any, int, str]] = [(value, 0, "")]
+    while stack:
+        item, depth, where = stack.pop()
+        if isinstance(item, str):
+            _check_text(item, where)
+            continue
+        if not isinstance(item, (dict, list)):
+            continue
+        if depth >= MAX_JSON_DEPTH:
+            raise _ApiError(
+                400,
+                f"the request body is nested more than {MAX_JSON_DEPTH} levels deep "
+                f"(at {where or 'body'}); send a flatter JSON object",
+                param=where or None,
+            )
+        pairs = item.items() if isinstance(item, dict) else enumerate(item)
+        for key, child in pairs:
+            # a bad key is shown escaped: the error message itself must be valid UTF-8
+            shown = str(key).encode("utf-8", "backslashreplace").decode("utf-8")
+            path = f"{where}.{shown}" if where else shown
+            if isinstance(key, str):
+                _check_text(key, path)
+            stack.append((child, depth + 1, path))
+
+
+def _check_text(text: str, where: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise _ApiError(
+            400,
+            f"{where or 'body'}: the string holds a lone UTF-16 surrogate "
+            f"(U+{ord(text[e.start]):04X} at character {e.start}), which is not valid Unicode; "
+            "send the text as valid UTF-8 (a surrogate escape like \\ud83d must be followed by "
+            "its low half, e.g. \\ude00)",
+            param=where or None,
+        ) from None
+
+
+def _plain(value: Any) -> Any:
+    """Return ``value`` as plain JSON data.
+
+    NaN and infinities become ``None`` (JSON cannot spell them), numpy-like numbers become floats,
+    lone surrogates in strings become ``?`` and anything else unknown becomes its ``str``.
+    """
+    if isinstance(value, str):
+        return value if value.isascii() else value.encode("utf-8", "replace").decode("utf-8")
+    if value is None or isinstance(value, (bool, int)):
+        return value
+    if isinstance(value, numbers.Real):
+        f = float(value)
+        return f if math.isfinite(f) else None
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return str(value)
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(_plain(obj), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+class _JSONResponse(JSONResponse):
+    """A JSON response that cannot fail on NaN, numpy numbers or other non-JSON values."""
+
+    def render(self, content: Any) -> bytes:
+        return _dumps(content).encode("utf-8")
+
+
 def _validation_error(e: ValidationError) -> _ApiError:
     err = e.errors()[0]
     loc = ".".join(str(p) for p in err.get("loc", ()))
@@ -369,7 +480,7 @@ def create_app(
 
     def error_response(err: _ApiError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
-        return JSONResponse(err.body(), status_code=err.status, headers=headers)
+        return _JSONResponse(err.body(), status_code=err.status, headers=headers)
 
     @app.middleware("http")
     async def count_and_guard(request: Request, call_next: Any) -> Response:
@@ -439,10 +550,17 @@ def create_app(
             raise _ApiError(415, f"Content-Type must be application/json, got {content_type!r}")
         try:
             data = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except RecursionError:
+            raise _ApiError(
+                400,
+                f"the request body is nested more than {MAX_JSON_DEPTH} levels deep; "
+                "send a flatter JSON object",
+            ) from None
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, over-long integers
             raise _ApiError(400, f"the request body is not valid JSON: {e}") from None
         if not isinstance(data, dict):
             raise _ApiError(400, "the request body must be a JSON object")
+        _check_json(data)
         try:
             req = ChatCompletionRequest.model_validate(data)
         except ValidationError as e:
@@ -524,17 +642,17 @@ def create_app(
             info["teacher"] = guard.model_name if guard is not None else None
             info["teacher_state"] = guard.circuit_state if guard is not None else None
         except UnderstudyError as e:
-            return JSONResponse({"status": "error", "error": str(e)}, status_code=503)
-        return JSONResponse(info)
+            return _JSONResponse({"status": "error", "error": str(e)}, status_code=503)
+        return _JSONResponse(info)
 
     @app.get("/metrics")
-    async def prometheus() -> PlainTextResponse:
-        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:
         card = {"id": name, "object": "model", "created": created, "owned_by": "understudy"}
-        return JSONResponse({"object": "list", "data": [card]})
+        return _JSONResponse({"object": "list", "data": [card]})
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -579,10 +697,10 @@ def create_app(
         if meta is not None:
             payload["understudy"] = meta
         headers = {"X-Understudy-Answered-By": str((meta or {}).get("answered_by", "unknown"))}
-        return JSONResponse(payload, headers=headers)
+        return _JSONResponse(payload, headers=headers)
 
     def sse(obj: Any) -> str:
-        return f"data: {json.dumps(obj, ensure_ascii=False, default=str)}\n\n"
+        return f"data: {_dumps(obj)}\n\n"
 
     async def stream(
         cid: str, messages: list[BaseMessage], kwargs: dict[str, Any], include_usage: bool

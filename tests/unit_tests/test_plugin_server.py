@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatResult
+from prometheus_client.parser import text_string_to_metric_families
 
 from langchain_understudy.config import ServerSettings
 from langchain_understudy.errors import ConfigError, StudentError
@@ -162,19 +163,31 @@ def test_api_key_is_required_when_set() -> None:
     assert client.get("/healthz").status_code == 200  # liveness stays open
 
 
+def _samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of a Prometheus exposition, keyed by name and labels."""
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
 def test_models_health_and_metrics() -> None:
     client = _client()
     assert client.get("/v1/models").json()["data"][0]["object"] == "model"
     assert client.get("/healthz").json()["status"] == "ok"
     client.post("/v1/chat/completions", json=_chat())
     client.post("/v1/chat/completions", content=b"{", headers={"content-type": "application/json"})
-    text = client.get("/metrics").text
-    assert 'understudy_http_requests_total{endpoint="/v1/chat/completions",code="200"} 1' in text
-    assert 'understudy_http_requests_total{endpoint="/v1/chat/completions",code="400"} 1' in text
-    assert 'understudy_chat_completion_seconds_bucket{le="+Inf"} 1' in text
-    assert "understudy_chat_completion_seconds_count 1" in text
-    assert 'understudy_answers_total{answered_by="student"} 1' in text
-    assert "understudy_teacher_call_rate 0.000000" in text
+    resp = client.get("/metrics")
+    assert resp.headers["content-type"].startswith("text/plain")
+    got = _samples(resp.text)
+    chat = ("endpoint", "/v1/chat/completions")
+    assert got["understudy_http_requests_total", frozenset({chat, ("code", "200")})] == 1
+    assert got["understudy_http_requests_total", frozenset({chat, ("code", "400")})] == 1
+    assert got["understudy_chat_completion_seconds_bucket", frozenset({("le", "+Inf")})] == 1
+    assert got["understudy_chat_completion_seconds_count", frozenset()] == 1
+    assert got["understudy_answers_total", frozenset({("answered_by", "student")})] == 1
+    assert got["understudy_teacher_call_rate", frozenset()] == 0.0
 
 
 def test_metrics_histogram_is_cumulative_and_rate_is_a_share() -> None:
@@ -182,12 +195,15 @@ def test_metrics_histogram_is_cumulative_and_rate_is_a_share() -> None:
     m.observe_completion(0.05, {"answered_by": "student"})
     m.observe_completion(0.5, {"answered_by": "teacher"})
     m.observe_completion(5.0, {"answered_by": "teacher", "escalation_blocked": True})
-    text = m.render()
-    assert 'understudy_chat_completion_seconds_bucket{le="0.1"} 1' in text
-    assert 'understudy_chat_completion_seconds_bucket{le="1"} 2' in text
-    assert 'understudy_chat_completion_seconds_bucket{le="+Inf"} 3' in text
+    got = _samples(m.render())
+    bucket = "understudy_chat_completion_seconds_bucket"
+    assert got[bucket, frozenset({("le", "0.1")})] == 1
+    assert got[bucket, frozenset({("le", "1")})] == 2
+    assert got[bucket, frozenset({("le", "+Inf")})] == 3
+    assert got["understudy_chat_completion_seconds_sum", frozenset()] == pytest.approx(5.55)
     assert m.teacher_call_rate() == pytest.approx(2 / 3)
-    assert "understudy_escalations_blocked_total 1" in text
+    assert got["understudy_teacher_call_rate", frozenset()] == pytest.approx(2 / 3)
+    assert got["understudy_escalations_blocked_total", frozenset()] == 1
 
 
 def test_bind_safety() -> None:
