@@ -1,17 +1,19 @@
 """The knowledge store's storage engine: rows in SQLite, vectors in immutable FAISS segments.
 
 Every version of every fact is a row in SQLite (key, version, validity interval, text, metadata,
-vector id). Vectors live in *segments*: FAISS files that are written once and never changed. A
-write appends one segment holding just its new vectors, and one SQLite transaction records the
-rows, the segment and the ids whose validity ended (tombstones: ``valid_to`` set on their rows,
-and a ``retired`` log so other processes catch up without re-reading every row). So a write
-costs what it writes, not what the store holds.
+vector id). Vectors live in *segments*: FAISS files that are written once and never changed, plus
+a *tail* of recent vectors kept in SQLite itself. A small write appends its vectors to the tail
+in the same transaction as its rows, so it costs one SQLite commit whatever the store holds; the
+write that would take the tail past ``_TAIL_MAX`` vectors turns the tail and its own vectors
+into a new segment file instead. Rows whose validity ended are tombstoned (``valid_to`` set),
+and a ``retired`` log lets other processes catch up without re-reading every row.
 
-Searches run over every segment with an id selector of the rows in view (current ones, those
-valid ``as_of`` a time, or those passing a filter) and merge the hits by score. Small segments
-are merged as they pile up (size tiers, each merge at most ``_FANOUT`` times the size of a
-write), and :meth:`FactEngine.compact` merges everything into one segment of the store's index
-kind, dropping erased vectors; it builds without the write lock and takes it only to commit.
+Searches run over every segment and the tail with an id selector of the rows in view (current
+ones, those valid ``as_of`` a time, or those passing a filter) and merge the hits by score.
+Segments of similar size merge as they pile up (size tiers of ``_FANOUT``, inside the write up to
+``_INLINE_MERGE_MAX`` vectors), and :meth:`FactEngine.compact` merges everything into one segment
+of the store's index kind, dropping erased vectors; it builds without the write lock and takes
+it only to commit.
 
 Atomicity: a segment is written to a temporary name, fsynced and renamed, and only the SQLite
 commit that lists it makes it part of the store; a kill at any point leaves the previous state
@@ -80,9 +82,11 @@ _LOCK_NAME = "knowledge.lock"
 _FORMAT = "langchain-understudy knowledge store"
 _FORMAT_VERSION = "2"  # 1: one index file rewritten by every write (opened and upgraded in place)
 _SQL_CHUNK = 500  # keys or ids per ``IN (...)`` query
+_TAIL_MAX = 1024  # vectors kept in SQLite before they become a segment file
 _FANOUT = 8  # segments of one size tier merged together
 _FLAT_BELOW = 512  # segments smaller than this are exact (flat) whatever the store's kind
-_INLINE_TIERS = 2  # tiers 0-2 (< 512 vectors) merge inside the write that fills them
+_INLINE_MERGE_MAX = 16_384  # larger merges wait for compact()
+_TAIL_ID = 0  # segment id of the tail
 _RETIRED_LOG = 10_000  # revisions of the retired log kept for readers catching up
 _SEGMENT_GLOB = "seg-*.faiss"
 _LEGACY_GLOB = "index-*.faiss"
@@ -118,6 +122,8 @@ _SCHEMA_V2 = (
     # Rows that stopped being current, by revision: readers catch up from here.
     "CREATE TABLE IF NOT EXISTS retired (rev INTEGER NOT NULL, vid INTEGER NOT NULL)",
     "CREATE INDEX IF NOT EXISTS retired_rev ON retired (rev)",
+    # Recent vectors not yet in a segment file: float32 little-endian bytes.
+    "CREATE TABLE IF NOT EXISTS tail (vid INTEGER PRIMARY KEY, vector BLOB NOT NULL)",
 )
 _FACT_COLUMNS = "vid, key, version, valid_from, valid_to, written_at, text, metadata, content_hash"
 _META_DEFAULTS = {
@@ -130,6 +136,7 @@ _META_DEFAULTS = {
     "next_vid": "1",
     "next_segment": "1",
     "retired_floor": "0",
+    "tail_generation": "0",
 }
 
 BoolArray = npt.NDArray[np.bool_]
@@ -429,6 +436,8 @@ class FactEngine:
         self._as_of_ids: dict[float, IdSet] = {}  # validity span -> its rows, this revision
         self._bounds: npt.NDArray[np.float64] | None = None
         self._next_vid = 1
+        self._tail_generation: str | None = None
+        self._written: dict[int, _Segment] = {}  # segments this engine just wrote, not re-read
         self._con = self._open(create)
         self.kind: IndexKind = self.meta()["index_kind"]  # type: ignore[assignment]
         if kind is not None and kind != self.kind:
@@ -563,6 +572,7 @@ class FactEngine:
                 "format_version": _FORMAT_VERSION,
                 "next_segment": str(next_segment),
                 "retired_floor": meta.get("revision", "0"),
+                "tail_generation": "0",
             }
             con.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", list(updates.items()))
             con.execute("DELETE FROM meta WHERE name IN ('index_size', 'index_crc')")
@@ -579,7 +589,7 @@ class FactEngine:
             self._con.execute("BEGIN IMMEDIATE")
             updated = self._con.execute(
                 "UPDATE meta SET value = ? WHERE name = 'index_kind' AND "
-                "(SELECT value FROM meta WHERE name = 'generation') = '0'",
+                "(SELECT value FROM meta WHERE name = 'dim') = ''",
                 (kind,),
             ).rowcount
             self._con.execute("COMMIT")
@@ -645,6 +655,8 @@ class FactEngine:
                 full = (
                     force or self._revision is None or self._revision < int(meta["retired_floor"])
                 )
+                tail = self._tail()
+                tail_rows = self._tail_rows(meta, full or tail is None)
                 if full:
                     fresh = self._fetch_ids("SELECT vid FROM facts WHERE valid_to IS NULL")
                     gone = np.empty(0, dtype=np.int64)
@@ -656,8 +668,8 @@ class FactEngine:
                     gone = self._fetch_ids(
                         "SELECT vid FROM retired WHERE rev > ?", (self._revision,)
                     )
-                if full and segments and self._revision is None:
-                    self._check_totals(segments)
+                if full and self._revision is None and (segments or tail_rows[0].size):
+                    self._check_totals(segments, tail_rows[0].size)
             except FileNotFoundError as e:
                 # Either a merge removed the file between our reads (read again), or the
                 # file is gone (the same one is missing twice).
@@ -676,8 +688,9 @@ class FactEngine:
             current[fresh] = True
             current[gone[gone < current.size]] = False
             self.kind = meta["index_kind"]  # type: ignore[assignment]
-            self._segments = segments
-            self._has_segments = bool(listed)
+            tail = self._updated_tail(tail, tail_rows, meta)
+            self._segments = segments + ([tail] if tail is not None else [])
+            self._has_segments = bool(listed) or tail is not None
             self._current = current
             self._n_current = int(np.count_nonzero(current))
             self._state += 1
@@ -687,12 +700,51 @@ class FactEngine:
         msg = f"the knowledge segment file {missing} is missing. " + self.rebuild_hint()
         raise KnowledgeStoreError(msg)
 
+    def _tail(self) -> _Segment | None:
+        tail = self._segments[-1] if self._segments else None
+        return tail if tail is not None and tail.id == _TAIL_ID else None
+
+    def _tail_rows(self, meta: dict[str, str], reload: bool) -> tuple[IdArray, FloatArray, bool]:
+        """Tail vectors to load: all of them (``True``), or those newer than the last load."""
+        if not self._load_index_enabled or not meta["dim"]:
+            return np.empty(0, dtype=np.int64), np.empty((0, 0), dtype=np.float32), True
+        reload = reload or meta["tail_generation"] != self._tail_generation
+        sql = "SELECT vid, vector FROM tail" + ("" if reload else " WHERE vid >= ?")
+        rows = self._con.execute(sql + " ORDER BY vid", () if reload else (self._next_vid,))
+        vids, blobs = [], []
+        for vid, blob in rows:
+            vids.append(vid)
+            blobs.append(blob)
+        dim = int(meta["dim"])
+        vectors = np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), dim)
+        return np.array(vids, dtype=np.int64), vectors, reload
+
+    def _updated_tail(
+        self,
+        tail: _Segment | None,
+        rows: tuple[IdArray, FloatArray, bool],
+        meta: dict[str, str],
+    ) -> _Segment | None:
+        vids, vectors, reload = rows
+        self._tail_generation = meta["tail_generation"] if meta["dim"] else None
+        if reload:
+            if not vids.size:
+                return None
+            index = VectorIndex("flat", vectors.shape[1], self.params)
+            index.add(vectors, vids)
+            return _Segment(_TAIL_ID, "", "flat", index, vids)
+        if vids.size and tail is not None:
+            tail.index.add(vectors, vids)  # vids only grow: the id list stays sorted
+            tail.ids = np.concatenate([tail.ids, vids])
+        return tail
+
     def _load_segments(
         self, meta: dict[str, str], listed: Sequence[Sequence[Any]]
     ) -> list[_Segment]:
         if not self._load_index_enabled:
             return []
-        have = {s.id: s for s in self._segments}
+        have = {s.id: s for s in self._segments if s.id != _TAIL_ID} | self._written
+        self._written = {}
         out = []
         for seg_id, name, kind, vectors, size, crc in listed:
             seg = have.get(seg_id)
@@ -714,10 +766,10 @@ class FactEngine:
             out.append(seg)
         return out
 
-    def _check_totals(self, segments: Sequence[_Segment]) -> None:
+    def _check_totals(self, segments: Sequence[_Segment], in_tail: int) -> None:
         rows = int(self._con.execute("SELECT COUNT(*) FROM facts").fetchone()[0])
         dead = int(self._con.execute("SELECT COUNT(*) FROM dead").fetchone()[0])
-        held = sum(s.index.ntotal for s in segments)
+        held = sum(s.index.ntotal for s in segments) + in_tail
         if held != rows + dead:
             msg = (
                 f"the knowledge segments in {self.path} hold {held} vectors but the database "
@@ -842,6 +894,7 @@ class FactEngine:
             keys = int(con.execute("SELECT COUNT(DISTINCT key) FROM facts").fetchone()[0])
             dead = int(con.execute("SELECT COUNT(*) FROM dead").fetchone()[0])
             listed, held = con.execute("SELECT COUNT(*), SUM(vectors) FROM segments").fetchone()
+            held = int(held or 0) + int(con.execute("SELECT COUNT(*) FROM tail").fetchone()[0])
             disk = sum(p.stat().st_size for p in self.path.iterdir() if p.is_file())
             oldest = con.execute("SELECT MIN(valid_from) FROM facts").fetchone()[0]
             return KnowledgeStats(
@@ -852,7 +905,7 @@ class FactEngine:
                 facts=self._n_current,
                 retired_keys=keys - self._n_current,
                 versions=versions,
-                vectors=int(held or 0),
+                vectors=held,
                 dead_vectors=dead,
                 generation=int(meta["generation"]),
                 disk_bytes=disk,
@@ -875,6 +928,12 @@ class FactEngine:
                 seg = by_id.get(seg_id)
                 current = int(np.count_nonzero(self._current[seg.ids])) if seg else -1
                 out.append(SegmentInfo(seg_id, name, kind, int(vectors), current, int(size)))
+            tail = self._tail()
+            if tail is not None:
+                n = tail.index.ntotal
+                current = int(np.count_nonzero(self._current[tail.ids]))
+                out.append(SegmentInfo(_TAIL_ID, f"{DB_NAME} (tail)", "flat", n, current,
+                                       n * tail.index.dim * 4))  # fmt: skip
             return out
 
     # -- search --------------------------------------------------------------------------------
@@ -1141,20 +1200,23 @@ class FactEngine:
         drop_segments: Sequence[int] = (),
         add_segment: VectorIndex | None = None,
         undead: Sequence[int] | None = None,
+        tail_upto: int | None = None,
         extra_meta: Mapping[str, str] | None = None,
     ) -> None:
-        """Apply one write: rows first, then the segment file, then one commit that lists it.
+        """Apply one write: rows first, then any segment file, then one commit that lists it.
 
         Args:
             closes: ``(valid_to, vid)`` of rows whose validity ends.
             erase: Rows to delete (their vectors become dead).
             rows: New rows.
-            vectors: Their vectors by vid: written as a new segment.
+            vectors: Their vectors by vid: appended to the tail, or, with the tail, written as a
+                new segment when the tail would pass ``_TAIL_MAX``.
             next_vid: The next free vid.
             embedding: Name of the embeddings (recorded if none is yet).
-            drop_segments: Segments that ``add_segment`` replaces (a merge).
+            drop_segments: Segment files that ``add_segment`` replaces (a merge).
             add_segment: A segment built from ``drop_segments`` (or from scratch).
             undead: Dead vids the merge dropped (``None`` with a rebuild: all of them).
+            tail_upto: The merge also took the tail's vectors up to this vid.
             extra_meta: Meta values to set.
         """
         if not (closes or erase or rows or vectors or drop_segments or add_segment or extra_meta):
@@ -1163,7 +1225,8 @@ class FactEngine:
         meta = self.meta()
         revision = int(meta["revision"]) + 1
         next_segment = int(meta["next_segment"])
-        written: list[Path] = []
+        written: list[tuple[int, str, VectorIndex]] = []
+        tail_changed = tail_upto is not None
         con.execute("BEGIN IMMEDIATE")
         try:
             for name, value in (extra_meta or {}).items():
@@ -1172,6 +1235,8 @@ class FactEngine:
                 con.execute("DELETE FROM dead")
             elif undead:
                 con.executemany("DELETE FROM dead WHERE vid = ?", [(v,) for v in undead])
+            if tail_upto is not None:
+                con.execute("DELETE FROM tail WHERE vid <= ?", (tail_upto,))
             if closes:
                 con.executemany("UPDATE facts SET valid_to = ? WHERE vid = ?", closes)
             if erase:
@@ -1188,24 +1253,15 @@ class FactEngine:
                 con.executemany(f"INSERT INTO facts ({_FACT_COLUMNS}) VALUES ({_marks(9)})", rows)
             new: list[VectorIndex] = [add_segment] if add_segment is not None else []
             if vectors:
-                ids = np.fromiter(vectors.keys(), dtype=np.int64)
-                # rows of already-normalised arrays: stack only
-                stacked = np.ascontiguousarray(np.stack(list(vectors.values())), dtype=np.float32)
-                dim = int(meta["dim"]) if meta["dim"] else None
-                if dim is not None and stacked.shape[1] != dim:
-                    normalize(stacked[:1], dim)  # raises the dimension error
-                if dim is None:
-                    con.execute(
-                        "UPDATE meta SET value = ? WHERE name = 'dim'", (str(stacked.shape[1]),)
-                    )
-                index = VectorIndex(self._segment_kind(len(ids)), stacked.shape[1], self.params)
-                index.add(stacked, ids)
-                new.append(index)
+                flushed = self._add_vectors(vectors, meta)
+                if flushed is not None:
+                    new.append(flushed)
+                    tail_changed = True
             for index in new:
                 if index.ntotal == 0:
                     continue
                 name = f"seg-{next_segment:08d}.faiss"
-                written.append(self.path / name)
+                written.append((next_segment, name, index))
                 size, crc = index.save(self.path / name)
                 con.execute(
                     "INSERT INTO segments VALUES (?, ?, ?, ?, ?, ?)",
@@ -1218,6 +1274,8 @@ class FactEngine:
             if new or drop_segments:
                 updates["generation"] = str(int(meta["generation"]) + 1)
                 updates["next_segment"] = str(next_segment)
+            if tail_changed:
+                updates["tail_generation"] = str(int(meta["tail_generation"]) + 1)
             if next_vid is not None:
                 updates["next_vid"] = str(next_vid)
             if not meta.get("embedding") and (rows or vectors) and embedding:
@@ -1234,27 +1292,65 @@ class FactEngine:
         except BaseException:
             if con.in_transaction:
                 con.execute("ROLLBACK")
-            for path in written:  # never listed: remove it (a later write would anyway)
-                path.unlink(missing_ok=True)
+            for _, name, _ in written:  # never listed: remove it (a later write would anyway)
+                (self.path / name).unlink(missing_ok=True)
             raise
-        if drop_segments:
-            dropped = {s.id: s.file for s in self._segments}
-            for seg_id in drop_segments:
-                if seg_id in dropped:
-                    (self.path / dropped[seg_id]).unlink(missing_ok=True)
-        self._remove_stale_files()
+        for seg_id, name, index in written:
+            self._written[seg_id] = _Segment(seg_id, name, index.kind, index, np.sort(index.ids()))
+        files = {s.id: s.file for s in self._segments if s.id != _TAIL_ID}
+        stale = [self.path / files[i] for i in drop_segments if i in files]
+        self._remove_stale_files(stale)
         self.refresh()
 
-    def _remove_stale_files(self) -> None:
-        """Remove segment files no commit lists, and temporary files of killed writers.
+    def _add_vectors(self, vectors: Mapping[int, FloatArray], meta: dict[str, str]) -> Any:
+        """Append new vectors to the tail, or return the segment of the tail and them.
+
+        Runs inside the write's transaction.
+        """
+        con = self._con
+        ids = np.fromiter(vectors.keys(), dtype=np.int64)
+        # rows of already-normalised arrays: stack only
+        stacked = np.ascontiguousarray(np.stack(list(vectors.values())), dtype=np.float32)
+        dim = int(meta["dim"]) if meta["dim"] else None
+        if dim is not None and stacked.shape[1] != dim:
+            normalize(stacked[:1], dim)  # raises the dimension error
+        if dim is None:
+            con.execute("UPDATE meta SET value = ? WHERE name = 'dim'", (str(stacked.shape[1]),))
+        tail = self._tail()
+        in_tail = tail.index.ntotal if tail is not None else 0
+        if in_tail + ids.size <= _TAIL_MAX:
+            little = stacked.astype("<f4", copy=False)
+            con.executemany(
+                "INSERT INTO tail (vid, vector) VALUES (?, ?)",
+                [(int(v), little[i].tobytes()) for i, v in enumerate(ids.tolist())],
+            )
+            return None
+        parts: list[tuple[VectorIndex | FloatArray, IdArray]] = []
+        if tail is not None:
+            dead = self._dead()
+            gone = dead[np.isin(dead, tail.ids)] if dead.size else dead
+            parts.append((tail.index, np.setdiff1d(tail.ids, gone, assume_unique=True)))
+            con.executemany("DELETE FROM dead WHERE vid = ?", [(int(v),) for v in gone])
+        con.execute("DELETE FROM tail")
+        parts.append((stacked, ids))
+        total = sum(int(i.size) for _, i in parts)
+        return merge_indexes(parts, self._segment_kind(total), self.params, stacked.shape[1])
+
+    def _remove_stale_files(self, merged: Sequence[Path]) -> None:
+        """Remove the files a merge replaced, and any file no commit lists.
 
         Runs under the write lock: segment files are only ever written under it, so no other
-        writer is between writing a file and listing it.
+        writer is between writing a file and listing it. A reader that has not loaded a removed
+        file yet reads the segment list again. The merged files go in a background thread
+        (removing a large file takes milliseconds); a file that outlives a killed process is
+        removed by the next write's check.
         """
+        if merged:
+            threading.Thread(target=_unlink_all, args=(list(merged),), daemon=True).start()
         listed = {r[0] for r in self._con.execute("SELECT file FROM segments")}
         for pattern in (_SEGMENT_GLOB, _LEGACY_GLOB, ".*.tmp"):
             for path in self.path.glob(pattern):
-                if path.name not in listed:
+                if path.name not in listed and path not in merged:
                     path.unlink(missing_ok=True)
 
     # -- merging -------------------------------------------------------------------------------
@@ -1262,57 +1358,75 @@ class FactEngine:
     def _dead(self) -> IdArray:
         return self._fetch_ids("SELECT vid FROM dead ORDER BY vid")
 
-    def _merge(self, segments: Sequence[_Segment], dead: IdArray, kind: IndexKind) -> VectorIndex:
-        """Build one segment from ``segments`` without the vectors of ``dead`` rows."""
-        parts = []
+    def _parts(
+        self, segments: Sequence[_Segment], dead: IdArray
+    ) -> tuple[list[tuple[VectorIndex | FloatArray, IdArray]], IdArray, int | None]:
+        """What a merge of ``segments`` copies: ``(parts, dead vids dropped, tail's last vid)``.
+
+        The tail's vectors are copied out, so the merge may run while the tail grows.
+        """
+        parts: list[tuple[VectorIndex | FloatArray, IdArray]] = []
+        held = np.concatenate([s.ids for s in segments]) if segments else dead[:0]
+        gone = dead[np.isin(dead, held)] if dead.size else dead
+        tail_upto = None
         for seg in segments:
-            keep = seg.ids if dead.size == 0 else np.setdiff1d(seg.ids, dead, assume_unique=True)
-            if keep.size:
+            keep = seg.ids if gone.size == 0 else np.setdiff1d(seg.ids, gone, assume_unique=True)
+            if seg.id == _TAIL_ID:
+                tail_upto = int(seg.ids[-1]) if seg.ids.size else None
+                if keep.size:
+                    parts.append((seg.index.reconstruct(keep), keep))
+            elif keep.size:
                 parts.append((seg.index, keep))
-        if not parts:
-            return VectorIndex("flat", segments[0].index.dim, self.params)
-        return merge_indexes(parts, kind, self.params)
+        return parts, gone, tail_upto
+
+    def _merge_commit(self, segments: Sequence[_Segment], dead: IdArray) -> None:
+        """Merge ``segments`` into one, dropping ``dead`` vectors (under the lock)."""
+        if not segments:
+            return
+        parts, gone, tail_upto = self._parts(segments, dead)
+        n = sum(int(ids.size) for _, ids in parts)
+        logger.info(
+            "merging %d segments of %s: %d vectors kept, %d dropped",
+            len(segments), self.path, n, gone.size,
+        )  # fmt: skip
+        dim = segments[0].index.dim
+        merged = merge_indexes(parts, self._segment_kind(n), self.params, dim)
+        self._commit(
+            drop_segments=[s.id for s in segments if s.id != _TAIL_ID],
+            add_segment=merged,
+            undead=gone.tolist(),
+            tail_upto=tail_upto,
+        )
 
     def _maintain(self) -> None:
         """Merge what must not wait, under the write lock already held.
 
         That is: the segments holding erased vectors once those pass ``compact_threshold``, and
-        any full tier of small segments.
+        any full tier of segment files whose merge stays within ``_INLINE_MERGE_MAX`` vectors.
         """
         dead = self._dead()
-        total = self.vectors
-        if dead.size and dead.size > self.compact_threshold * total:
+        if dead.size and dead.size > self.compact_threshold * self.vectors:
             holding = [s for s in self._segments if np.isin(s.ids, dead).any()]
             self._merge_commit(holding, dead)
         while True:
             tiers: dict[int, list[_Segment]] = {}
             for seg in self._segments:
-                tiers.setdefault(_tier(seg.index.ntotal), []).append(seg)
-            full = [t for t, segs in tiers.items() if t <= _INLINE_TIERS and len(segs) >= _FANOUT]
+                if seg.id != _TAIL_ID:
+                    tiers.setdefault(_tier(seg.index.ntotal), []).append(seg)
+            full = [
+                t
+                for t, segs in tiers.items()
+                if len(segs) >= _FANOUT and sum(s.index.ntotal for s in segs) <= _INLINE_MERGE_MAX
+            ]
             if not full:
                 return
             self._merge_commit(tiers[min(full)], self._dead())
 
-    def _merge_commit(self, segments: Sequence[_Segment], dead: IdArray) -> None:
-        if not segments:
-            return
-        held = np.concatenate([s.ids for s in segments])
-        gone = dead[np.isin(dead, held)] if dead.size else dead
-        n = held.size - gone.size
-        logger.info(
-            "merging %d segments of %s: %d vectors kept, %d dropped",
-            len(segments), self.path, n, gone.size,
-        )  # fmt: skip
-        merged = self._merge(segments, gone, self._segment_kind(n))
-        self._commit(
-            drop_segments=[s.id for s in segments], add_segment=merged, undead=gone.tolist()
-        )
-
     def compact(self, *, drop_history_before: TimeLike | None = None) -> int:
-        """Merge every segment into one of the store's kind; return the vectors dropped.
+        """Merge every segment and the tail into one of the store's kind; return vectors dropped.
 
-        The new segment is built without the write lock (writers carry on meanwhile; their
-        segments stay as they are) and committed under it.
+        The new segment is built without the write lock (writers carry on meanwhile; what they
+        write stays where they put it) and committed under it.
 
         Args:
             drop_history_before: First erase versions whose validity ended before this time.
@@ -1327,26 +1441,33 @@ class FactEngine:
                 ).tolist()
                 self._commit(erase=erase)
             segments = list(self._segments)
-            dead = self._dead()
-        if not segments:
-            return 0
+            if not segments:
+                return 0
+            parts, gone, tail_upto = self._parts(segments, self._dead())
+            tail_generation = self._tail_generation
         before = sum(s.index.ntotal for s in segments)
-        held = np.concatenate([s.ids for s in segments])
-        gone = dead[np.isin(dead, held)] if dead.size else dead
-        if len(segments) == 1 and not gone.size and segments[0].kind == self.kind:
+        only = segments[0]
+        if len(segments) == 1 and not gone.size and only.kind == self.kind and only.id != _TAIL_ID:
             return 0
-        merged = self._merge(segments, gone, self.kind)
+        total = sum(int(ids.size) for _, ids in parts)
+        dim = segments[0].index.dim
+        merged = (
+            merge_indexes(parts, self.kind, self.params, dim)
+            if total
+            else VectorIndex("flat", dim, self.params)
+        )
         with self._mutex, self.locked():
             self.refresh()
             present = {s.id for s in self._segments}
-            if not all(s.id in present for s in segments):
+            files = [s.id for s in segments if s.id != _TAIL_ID]
+            if tail_generation != self._tail_generation or not all(i in present for i in files):
                 msg = (
                     f"another process merged segments of {self.path} while this compaction ran; "
                     "run `understudy kb compact` again"
                 )
                 raise KnowledgeStoreError(msg)
             self._commit(
-                drop_segments=[s.id for s in segments], add_segment=merged, undead=gone.tolist()
+                drop_segments=files, add_segment=merged, undead=gone.tolist(), tail_upto=tail_upto
             )
         return before - merged.ntotal
 
@@ -1402,6 +1523,7 @@ class FactEngine:
                 drop_segments=listed,
                 add_segment=new if new is not None else VectorIndex("flat", 1, self.params),
                 undead=None,
+                tail_upto=2**62,
                 extra_meta=extra,
             )
             self.refresh(force=True)
@@ -1430,3 +1552,8 @@ class FactEngine:
             if closes or erase:
                 self._commit(closes=closes, erase=erase)
                 self._maintain()
+
+
+def _unlink_all(paths: Sequence[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)

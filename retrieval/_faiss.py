@@ -229,7 +229,8 @@ class VectorIndex:
 
     def rebuilt(self, keep: IdArray, kind: IndexKind | None = None) -> VectorIndex:
         """Return a new index holding only the vectors of ``keep`` (compaction, kind change)."""
-        return merge_indexes([(self, np.asarray(keep, dtype=np.int64))], kind or self.kind)
+        keep = np.asarray(keep, dtype=np.int64)
+        return merge_indexes([(self, keep)], kind or self.kind, self.params, self.dim)
 
     # -- search ---------------------------------------------------------------------------------
 
@@ -387,9 +388,10 @@ class VectorIndex:
 
 
 def merge_indexes(
-    parts: Sequence[tuple[VectorIndex, IdArray]],
+    parts: Sequence[tuple[VectorIndex | FloatArray, IdArray]],
     kind: IndexKind,
-    params: IndexParams | None = None,
+    params: IndexParams,
+    dim: int,
 ) -> VectorIndex:
     """Return one new index of ``kind`` holding, from each part, the vectors of the ids given.
 
@@ -397,27 +399,29 @@ def merge_indexes(
     parts and the result. An IVF result is trained first on an even sample of all the parts.
 
     Args:
-        parts: ``(index, ids)`` pairs; every id must be in its index, none in two parts.
+        parts: ``(source, ids)`` pairs: an index holding every id, or a matrix whose rows are
+            the vectors of ``ids`` in order. No id may be in two parts.
         kind: The kind of the new index.
-        params: Its parameters (default: those of the first part).
+        params: Its parameters.
+        dim: Vector width.
     """
-    if not parts:
-        msg = "merge_indexes needs at least one part"
-        raise KnowledgeStoreError(msg)
-    first = parts[0][0]
-    new = VectorIndex(kind, first.dim, params or first.params)
+
+    def take(source: VectorIndex | FloatArray, ids: IdArray, rows: slice) -> FloatArray:
+        if isinstance(source, VectorIndex):
+            return source.reconstruct(np.ascontiguousarray(ids[rows]))
+        return np.ascontiguousarray(source[rows], dtype=np.float32)
+
+    new = VectorIndex(kind, dim, params)
     total = sum(int(ids.size) for _, ids in parts)
     if kind == "ivf" and total:
-        nlist = new.params.nlist or auto_nlist(total)
+        nlist = min(params.nlist or auto_nlist(total), total)
         step = max(1, total // (_IVF_TRAIN_PER_CELL * nlist))
-        sample = np.concatenate(
-            [index.reconstruct(np.ascontiguousarray(ids[::step])) for index, ids in parts]
-        )
+        sample = np.concatenate([take(src, ids, slice(None, None, step)) for src, ids in parts])
         new.train(sample, total)
-    for index, ids in parts:
+    for src, ids in parts:
         for start in range(0, ids.size, _CHUNK):
-            block = np.ascontiguousarray(ids[start : start + _CHUNK], dtype=np.int64)
-            new.add(index.reconstruct(block), block)
+            rows = slice(start, start + _CHUNK)
+            new.add(take(src, ids, rows), np.ascontiguousarray(ids[rows], dtype=np.int64))
     return new
 
 

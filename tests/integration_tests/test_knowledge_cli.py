@@ -104,6 +104,8 @@ def test_kb_errors_and_repair(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     code, _, err = run(capsys, "kb", "search", "x", "--as-of", "last week", "--store", str(store))
     assert code == 1 and "ISO-8601" in err
 
+    code, out, _ = run(capsys, "kb", "compact", "--store", str(store))
+    assert code == 0 and "0 vectors dropped" in out
     (index,) = store.glob("seg-*.faiss")
     index.write_bytes(b"garbage")
     code, _, err = run(capsys, "kb", "search", "fruit", "--store", str(store))

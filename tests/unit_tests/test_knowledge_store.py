@@ -336,6 +336,7 @@ def test_rebuild_switches_embeddings_and_index_kind(
 def test_damaged_index_says_how_to_rebuild(tmp_path: Path, emb: CountingEmbeddings) -> None:
     store = KnowledgeStore(tmp_path / "kb", emb)
     store.add_texts(["a", "b"], ids=["1", "2"])
+    store.compact()  # from the tail in SQLite to a segment file
     (index_file,) = (tmp_path / "kb").glob("seg-*.faiss")
     data = bytearray(index_file.read_bytes())
     data[-20] ^= 0x55
@@ -430,19 +431,19 @@ async def test_async_api(store: KnowledgeStore) -> None:
 def test_ivf_segments_get_cells_for_their_size(tmp_path: Path, emb: CountingEmbeddings) -> None:
     store = KnowledgeStore(tmp_path / "kb", emb, index="ivf")
     store.add_texts([f"a{i}" for i in range(50)])
-    store.add_texts([f"b{i}" for i in range(3000)])
-    small, large = store._engine._segments
-    assert small.index.kind == "flat" and small.index.ntotal == 50  # small writes stay exact
-    assert large.index.kind == "ivf" and large.index.nlist is not None
-    assert large.index.nlist >= 70
-    assert store.similarity_search("b17", k=1)[0].page_content == "b17"
-    assert store.similarity_search("a17", k=1)[0].page_content == "a17"
+    assert [(s.kind, s.vectors) for s in store.segments()] == [("flat", 50)]  # the tail
+    store.add_texts([f"b{i}" for i in range(3000)])  # tail + this write: one IVF segment
+    store.add_texts([f"c{i}" for i in range(10)])
+    large, tail = store._engine._segments
+    assert (large.index.kind, large.index.ntotal, tail.index.ntotal) == ("ivf", 3050, 10)
+    assert large.index.nlist is not None and large.index.nlist >= 70
+    for text in ("a17", "b17", "c7"):
+        assert store.similarity_search(text, k=1)[0].page_content == text
     assert len(store.similarity_search("b17", k=40)) == 40
     assert store.compact() == 0
     (merged,) = store._engine._segments
-    assert merged.index.kind == "ivf" and merged.index.nlist is not None
-    assert merged.index.nlist > large.index.nlist
-    assert store.similarity_search("a17", k=1)[0].page_content == "a17"
+    assert merged.index.kind == "ivf" and merged.index.ntotal == 3060
+    assert store.similarity_search("c7", k=1)[0].page_content == "c7"
 
 
 def _format_1_store(path: Path, emb: CountingEmbeddings, texts: list[str]) -> None:
@@ -518,30 +519,42 @@ def test_a_newer_format_is_refused_clearly(tmp_path: Path, emb: CountingEmbeddin
         KnowledgeStore(tmp_path / "kb", emb)
 
 
-def test_writes_append_segments_and_small_ones_merge(
+def test_small_writes_go_to_the_tail_and_large_ones_to_segments(
     tmp_path: Path, emb: CountingEmbeddings
 ) -> None:
     store = KnowledgeStore(tmp_path / "kb", emb, index="hnsw")
-    store.add_texts([f"bulk {i}" for i in range(600)], ids=[f"b{i}" for i in range(600)])
+    store.add_texts([f"bulk {i}" for i in range(1500)], ids=[f"b{i}" for i in range(1500)])
     (bulk,) = store.segments()
-    assert (bulk.kind, bulk.vectors) == ("hnsw", 600)
+    assert (bulk.kind, bulk.vectors) == ("hnsw", 1500)
     between = datetime.now(UTC)
-    files = {bulk.file: (tmp_path / "kb" / bulk.file).stat().st_mtime_ns}
-    for i in range(7):  # single-fact writes: one small exact segment each
+    mtime = (tmp_path / "kb" / bulk.file).stat().st_mtime_ns
+    for i in range(8):  # single-fact writes: rows and vector in SQLite, no file written
         store.add_texts([f"single {i}"], ids=[f"s{i}"])
+    store.add_texts(["single 8"], ids=["b3"])
     segs = store.segments()
-    assert len(segs) == 8 and [s.kind for s in segs[1:]] == ["flat"] * 7
-    assert (tmp_path / "kb" / bulk.file).stat().st_mtime_ns == files[bulk.file]  # untouched
-    store.add_texts(["single 7"], ids=["b3"])  # the 8th: the small ones merge into one
-    segs = store.segments()
-    assert [(s.kind, s.vectors, s.current) for s in segs] == [("hnsw", 600, 599), ("flat", 8, 8)]
-    for key, text in (("s3", "single 3"), ("b3", "single 7"), ("b5", "bulk 5")):
-        (doc, score), *_ = store.similarity_search_with_score(text, k=2)
-        assert doc.id == key and score == pytest.approx(1.0, abs=1e-5)
+    assert [(s.kind, s.vectors, s.current) for s in segs] == [("hnsw", 1500, 1499),
+                                                             ("flat", 9, 9)]  # fmt: skip
+    assert segs[1].file.endswith("(tail)") and len(list((tmp_path / "kb").glob("*.faiss"))) == 1
+    assert (tmp_path / "kb" / bulk.file).stat().st_mtime_ns == mtime
+    other = KnowledgeStore(tmp_path / "kb", emb)  # another reader sees the tail too
+    for reader in (store, other):
+        for key, text in (("s3", "single 3"), ("b3", "single 8"), ("b5", "bulk 5")):
+            (doc, score), *_ = reader.similarity_search_with_score(text, k=2)
+            assert doc.id == key and score == pytest.approx(1.0, abs=1e-5)
     past = store.similarity_search("bulk 3", k=1, as_of=between)
-    assert [d.page_content for d in past] == ["bulk 3"]  # the replaced version, in the old segment
-    assert store.compact() == 0  # nothing erased: history stays, all merged into one
+    assert [d.page_content for d in past] == ["bulk 3"]  # the replaced version, in the segment
+    assert store.compact() == 0  # nothing erased: history stays, all in one segment
     (one,) = store.segments()
-    assert (one.kind, one.vectors, one.current) == ("hnsw", 608, 607)
-    assert store.similarity_search("single 7", k=1)[0].id == "b3"
+    assert (one.kind, one.vectors, one.current) == ("hnsw", 1509, 1508)
+    assert other.similarity_search("single 8", k=1)[0].id == "b3"
     assert store.history("b3")[0].text == "bulk 3"
+
+
+def test_segments_of_one_size_merge(tmp_path: Path, emb: CountingEmbeddings) -> None:
+    store = KnowledgeStore(tmp_path / "kb", emb)
+    for r in range(8):  # each write overflows the tail: one segment file each
+        store.add_texts([f"r{r} t{i}" for i in range(1100)])
+        assert len(store.segments()) == (r + 1 if r < 7 else 1)
+    (merged,) = store.segments()
+    assert merged.vectors == 8800 and store.stats().segments == 1
+    assert store.similarity_search("r3 t5", k=1)[0].page_content == "r3 t5"
