@@ -4,7 +4,8 @@
   escalates hard, multi-turn, out-of-distribution or low-confidence requests to the teacher.
 * :class:`Router` (transparent, calibrated) and :class:`LearnedRouter` (logistic regression): turn
   routing signals (:mod:`~langchain_understudy.router.signals`) into an escalation score and
-  compare it with a calibrated threshold.
+  compare it with a calibrated threshold; :class:`TeacherRateController` steers that threshold
+  online so the teacher-call rate holds its target when traffic shifts.
 * :class:`ResilientTeacher`, :func:`teacher_from_settings`, :class:`PrivacyPolicy`: a guarded
   teacher (timeout, retries, circuit breaker, budget) and the rules that keep private conversations
   on the machine.
@@ -33,6 +34,7 @@ from langchain_understudy.router.policy import (
     LearnedRouter,
     RoutedExample,
     Router,
+    TeacherRateController,
     load_router,
 )
 from langchain_understudy.router.signals import (
@@ -65,6 +67,7 @@ __all__ = [
     "RoutingRules",
     "SignalAbsent",
     "SignalSpec",
+    "TeacherRateController",
     "apgr",
     "auroc",
     "collect_examples",

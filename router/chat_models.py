@@ -12,22 +12,24 @@ One request goes through these steps:
    teacher is down, over budget, absent or forbidden for this conversation, the student's answer is
    returned and the metadata says that the escalation was blocked, and why.
 
-Every answer carries ``response_metadata["understudy"]`` (who answered, why, the score and
-threshold, versions, latency, signals) and every decision is appended to the audit log.
+Steps 2-5 are one I/O-free flow (:mod:`langchain_understudy.router._flow`); ``invoke``,
+``ainvoke``, ``stream`` and ``astream`` only carry out its steps. Every answer carries
+``response_metadata["understudy"]`` (who answered, why, the score and threshold, versions,
+latency, signals) and every decision is appended to the audit log. With a
+:class:`~langchain_understudy.router.policy.TeacherRateController` the threshold is steered online
+so the teacher-call rate holds its target.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import math
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -52,7 +54,23 @@ from langchain_understudy.errors import (
     TeacherUnavailableError,
 )
 from langchain_understudy.prompting import Fact, message_text, select_facts
-from langchain_understudy.router.policy import Decision, RoutedExample, Router, SignalReading
+from langchain_understudy.router._flow import (
+    AskTeacher,
+    Done,
+    FlowRequest,
+    RoutingFlow,
+    RunStudent,
+    Score,
+    Step,
+    merge_signals,
+)
+from langchain_understudy.router.policy import (
+    Decision,
+    RoutedExample,
+    Router,
+    SignalReading,
+    TeacherRateController,
+)
 from langchain_understudy.router.signals import OODIndex, RoutingContext
 from langchain_understudy.router.teachers import PrivacyPolicy, ResilientTeacher, model_name_of
 
@@ -158,20 +176,14 @@ class _StudentSource:
 
 @dataclass
 class _Request:
-    """State of one request while it is routed."""
+    """One request: the student that serves it and its routing flow."""
 
-    messages: list[BaseMessage]
     active: _Active
-    ctx: RoutingContext
-    facts: list[Fact]
-    forbidden: str | None
-    tags: list[str]
-    run_id: str | None
-    t0: float
-    retrieval_ms: float = 0.0
-    decisions: list[Decision] = field(default_factory=list)
-    blocked: str | None = None
-    student_error: str | None = None
+    flow: RoutingFlow
+
+    @property
+    def ctx(self) -> RoutingContext:
+        return self.flow.request.ctx
 
 
 @dataclass(frozen=True)
@@ -239,11 +251,24 @@ class ChatUnderstudy(BaseChatModel):
             the student's prompt.
         router: The routing policy (default: ``Router()``).
         mode: ``"pre"``, ``"cascade"`` or ``"auto"``.
+        rate_controller: A :class:`~langchain_understudy.router.policy.TeacherRateController`
+            that steers the threshold online so the teacher-call rate holds its target.
 
-    Responses carry ``response_metadata["understudy"]`` with ``answered_by`` (``"student"`` or
-    ``"teacher"``), ``reason``, ``score``, ``threshold``, ``stage``, ``student_version``,
-    ``teacher_model``, ``latency_ms``, ``router_overhead_ms``, ``escalation_blocked``,
-    ``blocked_reason``, ``signals``, ``absent`` and ``failed``.
+    Every answer carries ``response_metadata["understudy"]``, a dict with these keys:
+
+    * ``answered_by``: ``"student"`` or ``"teacher"``;
+    * ``reason``: why the router decided as it did (the deciding signal, rule or failing
+      signal), or ``"student failed: ..."``;
+    * ``score``, ``threshold``, ``stage``, ``deciding_signals``, ``rule``: the last decision (its
+      escalation score, the threshold it was compared with, ``"pre"``/``"post"``/``"cascade"``,
+      the signals that set the score, the *always* rule that matched); ``mode``;
+    * ``escalation_blocked``: a bool, ``True`` when the router wanted the teacher but the student
+      answered; ``blocked_reason``: why (privacy, no teacher, a *never* rule, circuit open,
+      budget spent, teacher failing), else ``None``;
+    * ``student_draft_discarded``: ``True`` when the teacher's answer replaced the student's;
+    * ``student_version``, ``student_model``, ``teacher_model`` (``None`` without a teacher);
+    * ``latency_ms``, ``router_overhead_ms``, ``retrieval_ms``; ``facts``: keys of the facts shown;
+    * ``signals`` (raw values), ``absent`` and ``failed`` (signal name → why).
 
     Streaming: in ``pre`` mode the student's tokens stream as they are generated. In ``cascade`` and
     ``auto`` mode the student's answer must be complete before the router can judge it, so it
@@ -309,6 +334,9 @@ class ChatUnderstudy(BaseChatModel):
     """How often a registry is checked for a newly promoted student."""
     model_name: str = Field(default="understudy", alias="model")
     """Name reported to tracing."""
+    rate_controller: TeacherRateController | None = None
+    """Steers the threshold online so the teacher-call rate holds its target (``None``: the
+    router's threshold stays as calibrated)."""
 
     _source: _StudentSource = PrivateAttr()
     _guard: ResilientTeacher | None = PrivateAttr(default=None)
@@ -390,6 +418,11 @@ class ChatUnderstudy(BaseChatModel):
             "audit_log": r.audit_log,
             "min_relevance": config.knowledge.min_relevance,
         }
+        target = getattr(r, "target_teacher_rate", None)
+        if target is not None:
+            params["rate_controller"] = TeacherRateController(
+                target, window=getattr(r, "rate_window", 500)
+            )
         # fact selection: what the config sets, else what the served student was trained with
         kn = config.knowledge
         for name in ("k", "distinct_by", "fetch_k", "fact_details"):
@@ -408,7 +441,7 @@ class ChatUnderstudy(BaseChatModel):
         return {
             "model_name": self.model_name,
             "mode": self.mode,
-            "threshold": self._router.threshold,
+            "threshold": self.current_threshold(),
             "router": self._router.kind,
         }
 
@@ -549,6 +582,7 @@ class ChatUnderstudy(BaseChatModel):
         messages: list[BaseMessage],
         tags: Sequence[str],
         run_id: str | None,
+        stream: bool = False,
     ) -> _Request:
         t0 = time.perf_counter()
         active = self._source.get()
@@ -577,26 +611,46 @@ class ChatUnderstudy(BaseChatModel):
             tags=tuple(tags),
             absent_reasons=absent,
         )
-        return _Request(
+        guard = self._guard
+        request = FlowRequest(
             messages=messages,
-            active=active,
             ctx=ctx,
+            mode=self.mode,
+            threshold=self.current_threshold(),
             facts=facts,
             forbidden=self._privacy.check(messages, tags),
+            has_teacher=guard is not None,
+            stream=stream,
+            teacher_refusal=guard.blocked_reason() if stream and guard is not None else None,
+            student_version=active.version,
+            student_model=model_name_of(model),
+            teacher_model=guard.model_name if guard is not None else None,
             tags=list(tags),
             run_id=run_id,
-            t0=t0,
             retrieval_ms=retrieval_ms,
+            started=t0,
         )
+        return _Request(active, RoutingFlow(request))
+
+    def _start(
+        self, messages: list[BaseMessage], run_manager: Any, kwargs: dict[str, Any], stream: bool
+    ) -> _Request:
+        tags, run_id = self._run_tags(run_manager, kwargs)
+        return self._begin(messages, tags, run_id, stream)
+
+    def current_threshold(self) -> float:
+        """The threshold the next request is routed with (steered by ``rate_controller``)."""
+        steered = self.rate_controller.threshold if self.rate_controller is not None else None
+        return self._router.threshold if steered is None else steered
 
     def _student_kwargs(
-        self, stop: list[str] | None, kwargs: dict[str, Any], req: _Request
+        self, stop: list[str] | None, kwargs: dict[str, Any], facts: Sequence[Fact]
     ) -> dict[str, Any]:
         out: dict[str, Any] = {
             k: v for k, v in kwargs.items() if k not in {"model", "tags", "callbacks", _TAGS_KW}
         }
-        if req.facts:
-            out["facts"] = req.facts
+        if facts:
+            out["facts"] = list(facts)
         if self.max_tokens is not None:
             out.setdefault("max_tokens", self.max_tokens)
         if self.temperature is not None:
@@ -608,192 +662,95 @@ class ChatUnderstudy(BaseChatModel):
 
     def _teacher_kwargs(self, stop: list[str] | None) -> dict[str, Any]:
         stops = [*(self.stop or []), *(stop or [])]
-        out: dict[str, Any] = {"stop": stops or None}
+        out: dict[str, Any] = {
+            "stop": stops or None,
+            "callbacks": list(self.trace_callbacks or []),
+            "tags": ["understudy:teacher"],
+        }
         if self.max_tokens is not None:
             out["max_tokens"] = self.max_tokens
         return out
 
-    def _can_escalate(self, req: _Request) -> str | None:
-        """Why escalation is impossible for this request, or ``None``."""
-        if req.forbidden:
-            return req.forbidden
-        if self._guard is None:
-            return "no teacher configured"
-        return None
+    # -- the end of every request -------------------------------------------------------------------
+    def _complete(self, done: Done) -> AIMessage:
+        """Append the audit line, feed the rate controller, and return the answer."""
+        if self.rate_controller is not None:
+            self.rate_controller.observe(done.score, done.asked_teacher)
+        if self.audit_log is not None:
+            line = json.dumps(done.audit, ensure_ascii=False, default=str, sort_keys=True) + "\n"
+            path = Path(self.audit_log)
+            try:
+                with self._audit_lock:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    with open(path, "a", encoding="utf-8") as f:
+                        f.write(line)
+            except OSError as e:
+                # The answer matters more than the log line; say so loudly and go on.
+                logger.error("cannot append to the audit log %s: %s", path, e)
+        return done.message
 
-    def _block(self, req: _Request, decision: Decision | None) -> str | None:
-        reason = self._can_escalate(req)
-        if reason is None and decision is not None and decision.forbidden:
-            reason = f"rule: {decision.forbidden}"
-        return reason
-
-    def _escalation_possible(self, req: _Request) -> bool:
-        return (
-            self._can_escalate(req) is None
-            and self._guard is not None
-            and self._guard.blocked_reason() is None
-        )
-
-    # -- metadata and audit ----------------------------------------------------------------------
-    def _finish(
-        self, req: _Request, message: AIMessage, answered_by: str, *, draft_discarded: bool = False
-    ) -> AIMessage:
-        meta = self._understudy_meta(req, answered_by, draft_discarded=draft_discarded)
-        rm = dict(message.response_metadata)
-        rm["understudy"] = meta
-        rm.setdefault(
-            "model_name",
-            model_name_of(req.active.model if answered_by == "student" else self._guard_model()),
-        )
-        out = AIMessage(
-            content=message.content,
-            additional_kwargs=dict(message.additional_kwargs),
+    def _final_chunk(self, done: Done, pieces: list[AIMessageChunk]) -> AIMessageChunk:
+        """The chunk that ends a stream: the whole answer, or the last live piece and metadata."""
+        message = self._complete(done)
+        if not done.streamed:
+            return _chunk_of(message)
+        last = pieces[-1] if pieces and pieces[-1].chunk_position == "last" else None
+        rm = dict(last.response_metadata) if last is not None else {}
+        if not any("model_name" in p.response_metadata for p in pieces):
+            rm.setdefault("model_name", message.response_metadata.get("model_name"))
+        rm["understudy"] = done.meta
+        return AIMessageChunk(
+            content=last.content if last is not None else "",
             response_metadata=rm,
-            usage_metadata=message.usage_metadata,
-            tool_calls=list(message.tool_calls),
-            id=message.id,
+            usage_metadata=last.usage_metadata if last is not None else None,
+            chunk_position="last",
         )
-        self._audit(req, meta)
-        return out
 
-    def _guard_model(self) -> Any:
-        return self._guard.model if self._guard is not None else None
-
-    def _understudy_meta(
-        self, req: _Request, answered_by: str, *, draft_discarded: bool = False
-    ) -> dict[str, Any]:
-        last = req.decisions[-1] if req.decisions else None
-        signals: dict[str, float] = {}
-        absent: dict[str, str] = {}
-        failed: dict[str, str] = {}
-        for d in req.decisions:
-            signals.update(d.signals)
-            absent.update(d.absent)
-            failed.update(d.failed)
-        for name in signals:
-            absent.pop(name, None)
-        reason = last.reason if last else "no decision"
-        if req.student_error:
-            reason = f"student failed: {req.student_error}"
-        return {
-            "answered_by": answered_by,
-            "reason": reason,
-            "score": last.score if last else None,
-            "threshold": self._router.threshold,
-            "stage": last.stage if last else None,
-            "mode": self.mode,
-            "deciding_signals": list(last.deciding) if last else [],
-            "rule": last.rule if last else None,
-            "student_version": req.active.version,
-            "student_model": model_name_of(req.active.model),
-            "teacher_model": self._guard.model_name if self._guard is not None else None,
-            "latency_ms": round((time.perf_counter() - req.t0) * 1000.0, 3),
-            "router_overhead_ms": round(sum(d.elapsed_ms for d in req.decisions), 3),
-            "retrieval_ms": round(req.retrieval_ms, 3),
-            "facts": [f.key for f in req.facts],
-            "escalation_blocked": req.blocked is not None,
-            "blocked_reason": req.blocked,
-            "student_draft_discarded": draft_discarded,
-            "signals": signals,
-            "absent": absent,
-            "failed": failed,
-        }
-
-    def _audit(self, req: _Request, meta: dict[str, Any]) -> None:
-        if self.audit_log is None:
-            return
-        convo = json.dumps(
-            [[m.type, message_text(m)] for m in req.messages], ensure_ascii=False
-        ).encode("utf-8")
-        record = {
-            "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
-            "run_id": req.run_id,
-            "conversation_sha256": hashlib.sha256(convo).hexdigest()[:16],
-            "tags": req.tags,
-            **{k: v for k, v in meta.items() if k != "facts"},
-        }
-        line = json.dumps(record, ensure_ascii=False, default=str, sort_keys=True) + "\n"
-        path = Path(self.audit_log)
-        try:
-            with self._audit_lock:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with open(path, "a", encoding="utf-8") as f:
-                    f.write(line)
-        except OSError as e:
-            # The answer matters more than the log line; say so loudly and go on.
-            logger.error("cannot append to the audit log %s: %s", path, e)
-
-    # -- sync path ------------------------------------------------------------------------------------
-    def _call_teacher(self, req: _Request, stop: list[str] | None) -> AIMessage | None:
-        assert self._guard is not None
-        try:
-            return self._guard.invoke(
-                req.messages,
-                callbacks=list(self.trace_callbacks or []),
-                tags=["understudy:teacher"],
-                **self._teacher_kwargs(stop),
+    # -- drivers: carry out the flow's steps -------------------------------------------------------
+    def _do(self, req: _Request, step: Step, stop: list[str] | None, kw: dict[str, Any]) -> Any:
+        """Carry out one step of the flow (sync) and return what the flow is sent back."""
+        if isinstance(step, Score):
+            return self._router.decide(
+                step.ctx, step.stage, reuse=step.reuse, threshold=step.threshold
             )
-        except TeacherUnavailableError as e:
-            req.blocked = str(e)
-            return None
-
-    def _try_escalate(
-        self, req: _Request, decision: Decision, stop: list[str] | None
-    ) -> AIMessage | None:
-        blocked = self._block(req, decision)
-        if blocked:
-            req.blocked = blocked
-            return None
-        return self._call_teacher(req, stop)
-
-    def _route(
-        self,
-        messages: list[BaseMessage],
-        stop: list[str] | None,
-        run_manager: CallbackManagerForLLMRun | None,
-        kwargs: dict[str, Any],
-        req: _Request | None = None,
-    ) -> AIMessage:
-        if req is None:
-            tags, run_id = self._run_tags(run_manager, kwargs)
-            req = self._begin(messages, tags, run_id)
-        router = self._router
-        if self.mode in ("pre", "auto"):
-            d = router.decide(req.ctx, "pre")
-            req.decisions.append(d)
-            if d.escalate:
-                answer = self._try_escalate(req, d, stop)
-                if answer is not None:
-                    return self._finish(req, answer, "teacher")
+        if isinstance(step, AskTeacher):
+            assert self._guard is not None
+            try:
+                return self._guard.invoke(step.messages, **self._teacher_kwargs(stop))
+            except TeacherUnavailableError as e:
+                return e
+        assert isinstance(step, RunStudent)
         try:
-            draft = _as_ai(
-                req.active.model.invoke(messages, **self._student_kwargs(stop, kwargs, req))
-            )
+            model = req.active.model
+            return _as_ai(model.invoke(step.messages, **self._student_kwargs(stop, kw, step.facts)))
         except StudentError as e:
-            return self._student_failed(req, e, stop)
-        if self.mode in ("cascade", "auto") and req.blocked is None:
-            req.ctx.student_output = draft
-            stage: Any = "cascade" if self.mode == "cascade" else "post"
-            reuse = SignalReading.of(req.decisions[-1]) if req.decisions else None
-            d = router.decide(req.ctx, stage, reuse=reuse)
-            req.decisions.append(d)
-            if d.escalate:
-                answer = self._try_escalate(req, d, stop)
-                if answer is not None:
-                    return self._finish(req, answer, "teacher", draft_discarded=True)
-        return self._finish(req, draft, "student")
+            return e
 
-    def _student_failed(
-        self, req: _Request, error: StudentError, stop: list[str] | None
-    ) -> AIMessage:
-        req.student_error = str(error)
-        blocked = self._block(req, req.decisions[-1] if req.decisions else None)
-        if blocked:
-            raise error
-        answer = self._call_teacher(req, stop)
-        if answer is None:
-            raise error
-        return self._finish(req, answer, "teacher")
+    async def _ado(
+        self, req: _Request, step: Step, stop: list[str] | None, kw: dict[str, Any]
+    ) -> Any:
+        """Async :meth:`_do`; signals (embedding included) run in a worker thread."""
+        if isinstance(step, Score):
+            return await asyncio.to_thread(
+                self._router.decide,
+                step.ctx,
+                step.stage,
+                reuse=step.reuse,
+                threshold=step.threshold,
+            )
+        if isinstance(step, AskTeacher):
+            assert self._guard is not None
+            try:
+                return await self._guard.ainvoke(step.messages, **self._teacher_kwargs(stop))
+            except TeacherUnavailableError as e:
+                return e
+        assert isinstance(step, RunStudent)
+        try:
+            model = req.active.model
+            kwargs = self._student_kwargs(stop, kw, step.facts)
+            return _as_ai(await model.ainvoke(step.messages, **kwargs))
+        except StudentError as e:
+            return e
 
     def _generate(
         self,
@@ -802,8 +759,26 @@ class ChatUnderstudy(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        message = self._route(messages, stop, run_manager, kwargs)
-        return ChatResult(generations=[ChatGeneration(message=message)])
+        req = self._start(messages, run_manager, kwargs, stream=False)
+        steps = req.flow.steps()
+        step = next(steps)
+        while not isinstance(step, Done):
+            step = steps.send(self._do(req, step, stop, kwargs))
+        return ChatResult(generations=[ChatGeneration(message=self._complete(step))])
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        req = await asyncio.to_thread(self._start, messages, run_manager, kwargs, False)
+        steps = req.flow.steps()
+        step = next(steps)
+        while not isinstance(step, Done):
+            step = steps.send(await self._ado(req, step, stop, kwargs))
+        return ChatResult(generations=[ChatGeneration(message=self._complete(step))])
 
     def _stream(
         self,
@@ -812,79 +787,56 @@ class ChatUnderstudy(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        tags, run_id = self._run_tags(run_manager, kwargs)
-        req = self._begin(messages, tags, run_id)
-        live = self.mode == "pre" or not self._escalation_possible(req)
-        if not live:
-            message = self._route(messages, stop, run_manager, kwargs, req)
-            yield self._emit(_chunk_of(message), run_manager)
-            return
-        if self.mode in ("pre", "auto"):
-            d = self._router.decide(req.ctx, "pre")
-            req.decisions.append(d)
-            if d.escalate:
-                answer = self._try_escalate(req, d, stop)
-                if answer is not None:
-                    yield self._emit(_chunk_of(self._finish(req, answer, "teacher")), run_manager)
-                    return
+        req = self._start(messages, run_manager, kwargs, stream=True)
+        steps = req.flow.steps()
         pieces: list[AIMessageChunk] = []
-        try:
-            for piece in req.active.model.stream(
-                messages, **self._student_kwargs(stop, kwargs, req)
-            ):
-                if not isinstance(piece, AIMessageChunk):
-                    piece = AIMessageChunk(content=str(getattr(piece, "content", piece)))
-                pieces.append(piece)
-                if piece.chunk_position == "last":
-                    break
-                yield self._emit(_plain(piece), run_manager)
-        except StudentError as e:
-            if pieces:
-                raise
-            yield self._emit(_chunk_of(self._student_failed(req, e, stop)), run_manager)
-            return
-        yield self._emit(self._last_chunk(req, pieces), run_manager)
-
-    def _streamed_post_check(self, req: _Request, pieces: list[AIMessageChunk]) -> None:
-        """After a live-streamed student answer, record what the post-generation check says.
-
-        Streaming live only happens when escalation is impossible, so an escalation the check
-        asks for is reported as blocked.
-        """
-        if self.mode not in ("cascade", "auto") or req.blocked is not None:
-            return
-        full = AIMessageChunk(content="")
-        for p in pieces:
-            full = full + p
-        req.ctx.student_output = AIMessage(
-            content=full.content, response_metadata=dict(full.response_metadata)
-        )
-        stage: Any = "cascade" if self.mode == "cascade" else "post"
-        reuse = SignalReading.of(req.decisions[-1]) if req.decisions else None
-        d = self._router.decide(req.ctx, stage, reuse=reuse)
-        req.decisions.append(d)
-        if d.escalate:
-            req.blocked = (
-                self._block(req, d)
-                or (self._guard.blocked_reason() if self._guard is not None else None)
-                or "the teacher was unavailable when the answer started streaming"
+        step = next(steps)
+        while not isinstance(step, Done):
+            if not (isinstance(step, RunStudent) and step.live):
+                step = steps.send(self._do(req, step, stop, kwargs))
+                continue
+            live = req.active.model.stream(
+                step.messages, **self._student_kwargs(stop, kwargs, step.facts)
             )
+            try:
+                for piece in _until_last(live, pieces):
+                    yield self._emit(piece, run_manager)
+            except StudentError as e:
+                if pieces:  # part of the answer is already out: nothing can replace it
+                    raise
+                step = steps.send(e)
+                continue
+            step = steps.send(_joined(pieces))
+        yield self._emit(self._final_chunk(step, pieces), run_manager)
 
-    def _last_chunk(self, req: _Request, pieces: list[AIMessageChunk]) -> AIMessageChunk:
-        self._streamed_post_check(req, pieces)
-        last = pieces[-1] if pieces and pieces[-1].chunk_position == "last" else None
-        meta = self._understudy_meta(req, "student")
-        rm = dict(last.response_metadata) if last is not None else {}
-        if not any("model_name" in p.response_metadata for p in pieces):
-            rm.setdefault("model_name", model_name_of(req.active.model))
-        rm["understudy"] = meta
-        self._audit(req, meta)
-        return AIMessageChunk(
-            content=last.content if last is not None else "",
-            response_metadata=rm,
-            usage_metadata=last.usage_metadata if last is not None else None,
-            chunk_position="last",
-        )
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        req = await asyncio.to_thread(self._start, messages, run_manager, kwargs, True)
+        steps = req.flow.steps()
+        pieces: list[AIMessageChunk] = []
+        step = next(steps)
+        while not isinstance(step, Done):
+            if not (isinstance(step, RunStudent) and step.live):
+                step = steps.send(await self._ado(req, step, stop, kwargs))
+                continue
+            live = req.active.model.astream(
+                step.messages, **self._student_kwargs(stop, kwargs, step.facts)
+            )
+            try:
+                async for piece in _auntil_last(live, pieces):
+                    yield await self._aemit(piece, run_manager)
+            except StudentError as e:
+                if pieces:  # part of the answer is already out: nothing can replace it
+                    raise
+                step = steps.send(e)
+                continue
+            step = steps.send(_joined(pieces))
+        yield await self._aemit(self._final_chunk(step, pieces), run_manager)
 
     @staticmethod
     def _emit(
@@ -895,131 +847,6 @@ class ChatUnderstudy(BaseChatModel):
         if run_manager is not None and isinstance(chunk.content, str):
             run_manager.on_llm_new_token(chunk.content, chunk=gen)
         return gen
-
-    # -- async path ---------------------------------------------------------------------------------
-    async def _acall_teacher(self, req: _Request, stop: list[str] | None) -> AIMessage | None:
-        assert self._guard is not None
-        try:
-            return await self._guard.ainvoke(
-                req.messages,
-                callbacks=list(self.trace_callbacks or []),
-                tags=["understudy:teacher"],
-                **self._teacher_kwargs(stop),
-            )
-        except TeacherUnavailableError as e:
-            req.blocked = str(e)
-            return None
-
-    async def _atry_escalate(
-        self, req: _Request, decision: Decision, stop: list[str] | None
-    ) -> AIMessage | None:
-        blocked = self._block(req, decision)
-        if blocked:
-            req.blocked = blocked
-            return None
-        return await self._acall_teacher(req, stop)
-
-    async def _aroute(
-        self,
-        messages: list[BaseMessage],
-        stop: list[str] | None,
-        run_manager: AsyncCallbackManagerForLLMRun | None,
-        kwargs: dict[str, Any],
-        req: _Request | None = None,
-    ) -> AIMessage:
-        if req is None:
-            tags, run_id = self._run_tags(run_manager, kwargs)
-            req = await asyncio.to_thread(self._begin, messages, tags, run_id)
-        router = self._router
-        if self.mode in ("pre", "auto"):
-            d = await asyncio.to_thread(router.decide, req.ctx, "pre")
-            req.decisions.append(d)
-            if d.escalate:
-                answer = await self._atry_escalate(req, d, stop)
-                if answer is not None:
-                    return self._finish(req, answer, "teacher")
-        try:
-            draft = _as_ai(
-                await req.active.model.ainvoke(messages, **self._student_kwargs(stop, kwargs, req))
-            )
-        except StudentError as e:
-            return await self._astudent_failed(req, e, stop)
-        if self.mode in ("cascade", "auto") and req.blocked is None:
-            req.ctx.student_output = draft
-            stage: Any = "cascade" if self.mode == "cascade" else "post"
-            reuse = SignalReading.of(req.decisions[-1]) if req.decisions else None
-            d = await asyncio.to_thread(router.decide, req.ctx, stage, reuse=reuse)
-            req.decisions.append(d)
-            if d.escalate:
-                answer = await self._atry_escalate(req, d, stop)
-                if answer is not None:
-                    return self._finish(req, answer, "teacher", draft_discarded=True)
-        return self._finish(req, draft, "student")
-
-    async def _astudent_failed(
-        self, req: _Request, error: StudentError, stop: list[str] | None
-    ) -> AIMessage:
-        req.student_error = str(error)
-        blocked = self._block(req, req.decisions[-1] if req.decisions else None)
-        if blocked:
-            raise error
-        answer = await self._acall_teacher(req, stop)
-        if answer is None:
-            raise error
-        return self._finish(req, answer, "teacher")
-
-    async def _agenerate(
-        self,
-        messages: list[BaseMessage],
-        stop: list[str] | None = None,
-        run_manager: AsyncCallbackManagerForLLMRun | None = None,
-        **kwargs: Any,
-    ) -> ChatResult:
-        message = await self._aroute(messages, stop, run_manager, kwargs)
-        return ChatResult(generations=[ChatGeneration(message=message)])
-
-    async def _astream(
-        self,
-        messages: list[BaseMessage],
-        stop: list[str] | None = None,
-        run_manager: AsyncCallbackManagerForLLMRun | None = None,
-        **kwargs: Any,
-    ) -> AsyncIterator[ChatGenerationChunk]:
-        tags, run_id = self._run_tags(run_manager, kwargs)
-        req = await asyncio.to_thread(self._begin, messages, tags, run_id)
-        live = self.mode == "pre" or not self._escalation_possible(req)
-        if not live:
-            message = await self._aroute(messages, stop, run_manager, kwargs, req)
-            yield await self._aemit(_chunk_of(message), run_manager)
-            return
-        if self.mode in ("pre", "auto"):
-            d = await asyncio.to_thread(self._router.decide, req.ctx, "pre")
-            req.decisions.append(d)
-            if d.escalate:
-                answer = await self._atry_escalate(req, d, stop)
-                if answer is not None:
-                    yield await self._aemit(
-                        _chunk_of(self._finish(req, answer, "teacher")), run_manager
-                    )
-                    return
-        pieces: list[AIMessageChunk] = []
-        try:
-            async for piece in req.active.model.astream(
-                messages, **self._student_kwargs(stop, kwargs, req)
-            ):
-                if not isinstance(piece, AIMessageChunk):
-                    piece = AIMessageChunk(content=str(getattr(piece, "content", piece)))
-                pieces.append(piece)
-                if piece.chunk_position == "last":
-                    break
-                yield await self._aemit(_plain(piece), run_manager)
-        except StudentError as e:
-            if pieces:
-                raise
-            failed = await self._astudent_failed(req, e, stop)
-            yield await self._aemit(_chunk_of(failed), run_manager)
-            return
-        yield await self._aemit(self._last_chunk(req, pieces), run_manager)
 
     @staticmethod
     async def _aemit(
@@ -1050,23 +877,15 @@ class ChatUnderstudy(BaseChatModel):
         answer: AIMessage | None = None
         post: Decision | None = None
         if generate:
+            facts = req.flow.request.facts
             answer = _as_ai(
-                req.active.model.invoke(msgs, **self._student_kwargs(None, kwargs, req))
+                req.active.model.invoke(msgs, **self._student_kwargs(None, kwargs, facts))
             )
             req.ctx.student_output = answer
             post = self._router.decide(req.ctx, "post", reuse=SignalReading.of(pre))
+        values, absent, failed = merge_signals(d for d in (pre, post) if d is not None)
         signals: dict[str, float | None] = {s.name: None for s in self._router.signals}
-        absent: dict[str, str] = {}
-        failed: dict[str, str] = {}
-        for d in (pre, post):
-            if d is None:
-                continue
-            signals.update(d.signals)
-            absent.update(d.absent)
-            failed.update(d.failed)
-        for name, value in signals.items():
-            if value is not None:
-                absent.pop(name, None)
+        signals.update(values)
         return Inspection(
             signals=signals,
             absent=absent,
@@ -1076,7 +895,7 @@ class ChatUnderstudy(BaseChatModel):
             post=post,
             overhead_ms=pre.elapsed_ms + (post.elapsed_ms if post else 0.0),
             embedding_ms=pre.embedding_ms + (post.embedding_ms if post else 0.0),
-            retrieval_ms=req.retrieval_ms,
+            retrieval_ms=req.flow.request.retrieval_ms,
         )
 
 
@@ -1091,3 +910,43 @@ def _as_ai(message: Any) -> AIMessage:
 def _plain(piece: AIMessageChunk) -> AIMessageChunk:
     """A content-only copy of a student chunk (metadata travels on the last chunk only)."""
     return AIMessageChunk(content=piece.content, id=piece.id)
+
+
+def _as_chunk(piece: Any) -> AIMessageChunk:
+    if isinstance(piece, AIMessageChunk):
+        return piece
+    return AIMessageChunk(content=str(getattr(piece, "content", piece)))
+
+
+def _until_last(stream: Iterator[Any], pieces: list[AIMessageChunk]) -> Iterator[AIMessageChunk]:
+    """The student's chunks as they come, content only, each kept in ``pieces``.
+
+    The last chunk (it carries the metadata) is kept but not yielded: the driver sends it with
+    the routing metadata once the flow is done.
+    """
+    for raw in stream:
+        piece = _as_chunk(raw)
+        pieces.append(piece)
+        if piece.chunk_position == "last":
+            return
+        yield _plain(piece)
+
+
+async def _auntil_last(
+    stream: AsyncIterator[Any], pieces: list[AIMessageChunk]
+) -> AsyncIterator[AIMessageChunk]:
+    """Async :func:`_until_last`."""
+    async for raw in stream:
+        piece = _as_chunk(raw)
+        pieces.append(piece)
+        if piece.chunk_position == "last":
+            return
+        yield _plain(piece)
+
+
+def _joined(pieces: Sequence[AIMessageChunk]) -> AIMessage:
+    """The whole answer of a live-streamed student, for the flow's post-generation check."""
+    full = AIMessageChunk(content="")
+    for p in pieces:
+        full = full + p
+    return AIMessage(content=full.content, response_metadata=dict(full.response_metadata))

@@ -26,10 +26,13 @@ Example:
 
 from __future__ import annotations
 
+import bisect
+import collections
 import json
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -56,6 +59,7 @@ __all__ = [
     "Router",
     "SignalReading",
     "Stage",
+    "TeacherRateController",
     "load_router",
     "threshold_for_quality",
     "threshold_for_teacher_rate",
@@ -178,6 +182,14 @@ def _check_value(spec: SignalSpec, value: Any) -> float:
     return v
 
 
+def _unit(value: float, name: str) -> float:
+    v = float(value)
+    if not 0.0 <= v <= 1.0:
+        msg = f"{name} must be in [0, 1], got {value!r}"
+        raise ConfigError(msg)
+    return v
+
+
 def _fmt(v: float) -> str:
     return f"{v:.3g}"
 
@@ -228,11 +240,7 @@ class Router:
 
     @threshold.setter
     def threshold(self, value: float) -> None:
-        v = float(value)
-        if not 0.0 <= v <= 1.0:
-            msg = f"threshold must be in [0, 1], got {value!r}"
-            raise ConfigError(msg)
-        self._threshold = v
+        self._threshold = _unit(value, "threshold")
 
     @classmethod
     def from_settings(cls, settings: Any) -> Router:
@@ -333,7 +341,12 @@ class Router:
         return float(top), risks, deciding
 
     def decide(
-        self, ctx: RoutingContext, stage: Stage, *, reuse: SignalReading | None = None
+        self,
+        ctx: RoutingContext,
+        stage: Stage,
+        *,
+        reuse: SignalReading | None = None,
+        threshold: float | None = None,
     ) -> Decision:
         """Read the signals of ``stage``, apply the rules and decide.
 
@@ -342,12 +355,14 @@ class Router:
             stage: ``"pre"`` before generation, ``"post"`` after it (all signals), or
                 ``"cascade"`` (only the signals that need the student's answer).
             reuse: An earlier reading of the same request (its values are not recomputed).
+            threshold: Compare with this threshold instead of :attr:`threshold` (a
+                :class:`TeacherRateController` steering it online); the policy is not changed.
         """
         reading = self.read(ctx, stage, reuse=reuse)
         t0 = time.perf_counter()
         forbidden = self.rules.never(ctx)
         rule = self.rules.always(ctx)
-        t = self.threshold
+        t = self.threshold if threshold is None else _unit(threshold, "threshold")
         risks: dict[str, float] = {}
         deciding: tuple[str, ...] = ()
         if reading.failed:
@@ -361,7 +376,7 @@ class Router:
             score, risks, deciding = self.combine(reading.values, stage)
             score = float(min(1.0, max(0.0, score)))
             escalate = score >= t
-            reason = self._reason(reading.values, risks, deciding, score, escalate)
+            reason = self._reason(reading.values, risks, deciding, score, escalate, t)
         elapsed = reading.elapsed_ms + (time.perf_counter() - t0) * 1000.0
         return Decision(
             escalate=escalate,
@@ -387,8 +402,8 @@ class Router:
         deciding: tuple[str, ...],
         score: float,
         escalate: bool,
+        t: float,
     ) -> str:
-        t = self.threshold
         if not values:
             return f"no signal applies; score 0 {'≥' if escalate else '<'} threshold {t:.2f}"
         parts = ", ".join(
@@ -682,8 +697,8 @@ class LearnedRouter(Router):
         deciding: tuple[str, ...],
         score: float,
         escalate: bool,
+        t: float,
     ) -> str:
-        t = self.threshold
         parts = ", ".join(
             f"{n}={_fmt(values[n])} (log-odds {risks[n]:+.2f})" for n in deciding if n in values
         )
@@ -784,3 +799,171 @@ def threshold_for_quality(
         )
         raise ConfigError(msg)
     return best
+
+
+class TeacherRateController:
+    """Steers the escalation threshold online so the teacher-call rate holds its target.
+
+    A threshold calibrated offline holds its teacher-call rate only while live traffic looks like
+    the calibration set; when the mix shifts (more out-of-scope requests, say), the rate drifts
+    with it. This controller watches the escalation scores of the last ``window`` requests and
+    sets the threshold to the score quantile that sends ``target`` of them to the teacher (the
+    rule of :func:`threshold_for_teacher_rate`, applied to live traffic). An integral term on the
+    observed rate removes what the quantile cannot see: requests sent up whatever their score
+    (a student that fails falls back to the teacher) and requests escalated before generation,
+    whose later score is never read.
+
+    It counts the requests the router *asked* to escalate, whether or not the teacher could be
+    called: the per-minute and per-day budgets of
+    :class:`~langchain_understudy.router.teachers.ResilientTeacher` stay hard caps on top, and
+    neither they nor the privacy rules wind the controller up when they refuse calls. Until
+    ``min_requests`` requests have been seen, the router's own (calibrated) threshold holds.
+    Thread-safe.
+
+    Args:
+        target: The teacher-call rate to hold, in (0, 1).
+        window: Requests the quantile and the observed rate are taken over.
+        min_requests: Requests seen before steering starts (at most ``window``).
+        gain: Integral gain: a rate error held for ``window`` requests moves the quantile level
+            by ``gain`` times that error. ``0`` turns the integral term off.
+        bounds: Lowest and highest threshold it may set (a floor keeps quality when traffic
+            turns hard; the budgets still cap spending).
+
+    Example:
+        >>> c = TeacherRateController(0.2, window=100, min_requests=100)
+        >>> for i in range(100):
+        ...     _ = c.observe(i / 100, escalated=i >= 80)
+        >>> round(c.threshold, 3), c.observed_rate
+        (0.795, 0.2)
+    """
+
+    def __init__(
+        self,
+        target: float,
+        *,
+        window: int = 500,
+        min_requests: int = 100,
+        gain: float = 0.5,
+        bounds: tuple[float, float] = (0.0, 1.0),
+    ) -> None:
+        if not 0.0 < target < 1.0:
+            msg = f"target teacher rate must be in (0, 1), got {target!r}"
+            raise ConfigError(msg)
+        if window < 10:
+            msg = f"window must be at least 10 requests, got {window!r}"
+            raise ConfigError(msg)
+        if not 1 <= min_requests <= window:
+            msg = f"min_requests must be in [1, window={window}], got {min_requests!r}"
+            raise ConfigError(msg)
+        if gain < 0.0:
+            msg = f"gain must be >= 0, got {gain!r}"
+            raise ConfigError(msg)
+        lo, hi = (_unit(b, "bounds") for b in bounds)
+        if lo > hi:
+            msg = f"bounds must be (low, high) with low <= high, got {bounds!r}"
+            raise ConfigError(msg)
+        self.target = float(target)
+        self.window = int(window)
+        self.min_requests = int(min_requests)
+        self.gain = float(gain)
+        self.bounds = (lo, hi)
+        self._lock = threading.Lock()
+        self._scores: collections.deque[float] = collections.deque()
+        self._sorted: list[float] = []
+        self._asked: collections.deque[bool] = collections.deque(maxlen=self.window)
+        self._n_asked = 0
+        self._seen = 0
+        self._bias = 0.0
+        self._threshold: float | None = None
+
+    @property
+    def threshold(self) -> float | None:
+        """The steered threshold, or ``None`` before ``min_requests`` requests were seen."""
+        return self._threshold
+
+    @property
+    def observed_rate(self) -> float | None:
+        """Share of the last ``window`` requests the router asked to escalate."""
+        with self._lock:
+            return self._n_asked / len(self._asked) if self._asked else None
+
+    @property
+    def requests(self) -> int:
+        """Requests observed so far."""
+        return self._seen
+
+    def observe(self, score: float | None, escalated: bool) -> float | None:
+        """Record one routed request and return the threshold for the next ones.
+
+        Args:
+            score: Its escalation score (``None`` when no decision was made: only the rate
+                counts it).
+            escalated: The router asked for the teacher.
+        """
+        with self._lock:
+            if len(self._asked) == self.window and self._asked[0]:
+                self._n_asked -= 1
+            self._asked.append(bool(escalated))
+            self._n_asked += bool(escalated)
+            self._seen += 1
+            if score is not None and math.isfinite(score):
+                s = min(1.0, max(0.0, float(score)))
+                self._scores.append(s)
+                bisect.insort(self._sorted, s)
+                if len(self._scores) > self.window:
+                    old = self._scores.popleft()
+                    del self._sorted[bisect.bisect_left(self._sorted, old)]
+            if self._seen < self.min_requests or not self._sorted:
+                return self._threshold
+            if self._threshold is not None:
+                # integrate only while steering: the rate under the offline threshold is not ours
+                err = self.target - float(escalated)
+                self._bias = min(
+                    1.0 - self.target, max(-self.target, self._bias + self.gain * err / self.window)
+                )
+            t = _rate_quantile(self._sorted, self.target + self._bias)
+            self._threshold = min(self.bounds[1], max(self.bounds[0], t))
+            return self._threshold
+
+    def reset(self) -> None:
+        """Forget every observation (the router's own threshold holds again)."""
+        with self._lock:
+            self._scores.clear()
+            self._sorted.clear()
+            self._asked.clear()
+            self._n_asked = self._seen = 0
+            self._bias = 0.0
+            self._threshold = None
+
+    def state(self) -> dict[str, Any]:
+        """Target, threshold, observed rate and requests seen, JSON-ready (for metrics)."""
+        return {
+            "target": self.target,
+            "threshold": self.threshold,
+            "observed_rate": self.observed_rate,
+            "requests": self.requests,
+            "window": self.window,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"TeacherRateController(target={self.target:g}, window={self.window}, "
+            f"threshold={self.threshold})"
+        )
+
+
+def _rate_quantile(ascending: Sequence[float], rate: float) -> float:
+    """The lowest threshold at which at most ``rate`` of the sorted scores escalate.
+
+    The same candidates as :func:`threshold_for_teacher_rate` (0, midpoints between distinct
+    scores, one above the largest), found by bisection instead of a scan.
+    """
+    n = len(ascending)
+    allowed = math.floor(min(1.0, max(0.0, rate)) * n + 1e-9)
+    if allowed >= n:
+        return 0.0
+    v = ascending[n - allowed - 1]  # the highest score that must stay below the threshold
+    above = bisect.bisect_right(ascending, v)
+    if above < n:
+        return (v + ascending[above]) / 2.0
+    return (v + 1.0) / 2.0 if v < 1.0 else 1.0

@@ -38,6 +38,7 @@ def test_public_names_are_pinned() -> None:
         "RoutingRules",
         "SignalAbsent",
         "SignalSpec",
+        "TeacherRateController",
         "apgr",
         "auroc",
         "collect_examples",
