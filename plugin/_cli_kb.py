@@ -157,6 +157,7 @@ def _stats(args: argparse.Namespace) -> int:
         ["versions kept", st.versions],
         ["vectors", st.vectors],
         ["vectors to compact", st.dead_vectors],
+        ["segments", st.segments],
         ["index generation", st.generation],
         ["disk", f"{st.disk_bytes / 1e6:.2f} MB"],
     ]
@@ -178,6 +179,14 @@ def _rebuild(args: argparse.Namespace) -> int:
 def _compact(args: argparse.Namespace) -> int:
     dropped = _open(args).compact(drop_history_before=args.drop_history_before)
     print(f"compacted: {dropped} vectors dropped")
+    return 0
+
+
+def _segments(args: argparse.Namespace) -> int:
+    segs = _open(args).segments()
+    rows = [[s.id, s.file, s.kind, s.vectors, s.current, f"{s.bytes / 1e6:.2f} MB"] for s in segs]
+    print(format_table(["#", "file", "index", "vectors", "current", "size"], rows))
+    print(f"{len(segs)} segment(s); `understudy kb compact` merges them into one")
     return 0
 
 
@@ -239,7 +248,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     _common(rebuild)
     rebuild.set_defaults(func=_rebuild)
 
-    compact = s.add_parser("compact", help="drop erased vectors (and optionally old history)")
+    compact = s.add_parser(
+        "compact", help="merge the segments into one, dropping erased vectors (and old history)"
+    )
     compact.add_argument("--drop-history-before", help="also erase versions ended before (ISO)")
     _common(compact)
     compact.set_defaults(func=_compact)
+
+    segments = s.add_parser("segments", help="the files that hold the vectors")
+    _common(segments)
+    segments.set_defaults(func=_segments)

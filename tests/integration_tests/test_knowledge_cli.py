@@ -104,9 +104,13 @@ def test_kb_errors_and_repair(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     code, _, err = run(capsys, "kb", "search", "x", "--as-of", "last week", "--store", str(store))
     assert code == 1 and "ISO-8601" in err
 
+    code, out, _ = run(capsys, "kb", "segments", "--store", str(store))
+    assert code == 0 and "knowledge.sqlite (tail)" in out and "1 segment(s)" in out
     code, out, _ = run(capsys, "kb", "compact", "--store", str(store))
     assert code == 0 and "0 vectors dropped" in out
     (index,) = store.glob("seg-*.faiss")
+    code, out, _ = run(capsys, "kb", "segments", "--store", str(store))
+    assert code == 0 and index.name in out and "tail" not in out
     index.write_bytes(b"garbage")
     code, _, err = run(capsys, "kb", "search", "fruit", "--store", str(store))
     assert code == 1 and f"understudy kb rebuild --store {store}" in err
