@@ -623,7 +623,8 @@ class FactEngine:
     def meta(self) -> dict[str, str]:
         """The store's ``meta`` table (format, kind, dim, embedding, counters)."""
         try:
-            return dict(self._con.execute("SELECT name, value FROM meta").fetchall())
+            with self._mutex:
+                return dict(self._con.execute("SELECT name, value FROM meta").fetchall())
         except sqlite3.Error as e:
             msg = f"cannot read the knowledge store database {self.db_path}: {e}"
             raise KnowledgeStoreError(msg) from e
@@ -635,6 +636,10 @@ class FactEngine:
 
     def refresh(self, *, force: bool = False) -> None:
         """Catch up with the last commit (any process's): new segments, rows that changed."""
+        with self._mutex:
+            self._refresh(force)
+
+    def _refresh(self, force: bool) -> None:
         try:
             row = self._con.execute("SELECT value FROM meta WHERE name = 'revision'").fetchone()
         except sqlite3.Error as e:
@@ -823,20 +828,22 @@ class FactEngine:
 
     def cached_vectors(self, hashes: Sequence[str]) -> dict[str, FloatArray]:
         """Return stored vectors of texts with these content hashes (those found)."""
-        if not self._segments or not hashes:
-            return {}
-        found: dict[str, int] = {}
-        for chunk in chunks(hashes):
-            rows = self._con.execute(
-                f"SELECT content_hash, MAX(vid) FROM facts WHERE content_hash IN "
-                f"({_marks(len(chunk))}) AND vid < ? GROUP BY content_hash",
-                [*chunk, self._next_vid],
-            )
-            found.update(rows.fetchall())
-        if not found:
-            return {}
-        vids = np.fromiter(found.values(), dtype=np.int64)
-        return dict(zip(found, self.reconstruct(vids), strict=True))
+        with self._mutex:
+            self.refresh()
+            if not self._segments or not hashes:
+                return {}
+            found: dict[str, int] = {}
+            for chunk in chunks(hashes):
+                rows = self._con.execute(
+                    f"SELECT content_hash, MAX(vid) FROM facts WHERE content_hash IN "
+                    f"({_marks(len(chunk))}) AND vid < ? GROUP BY content_hash",
+                    [*chunk, self._next_vid],
+                )
+                found.update(rows.fetchall())
+            if not found:
+                return {}
+            vids = np.fromiter(found.values(), dtype=np.int64)
+            return dict(zip(found, self.reconstruct(vids), strict=True))
 
     # -- reading -------------------------------------------------------------------------------
 

@@ -237,11 +237,8 @@ class KnowledgeStore(VectorStore):
         first: dict[str, int] = {}
         for i, h in enumerate(hashes):
             first.setdefault(h, i)
-        engine = self._engine
-        with engine._mutex:
-            engine.refresh()
-            vectors = engine.cached_vectors(list(first))
-            dim = engine.dim()
+        vectors = self._engine.cached_vectors(list(first))
+        dim = self._engine.dim()
         counts = Counter(hashes)
         if on_progress is not None:
             done = sum(counts[h] for h in vectors)
