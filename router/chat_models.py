@@ -795,18 +795,17 @@ class ChatUnderstudy(BaseChatModel):
             if not (isinstance(step, RunStudent) and step.live):
                 step = steps.send(self._do(req, step, stop, kwargs))
                 continue
-            live = req.active.model.stream(
-                step.messages, **self._student_kwargs(stop, kwargs, step.facts)
-            )
+            student_kw = self._student_kwargs(stop, kwargs, step.facts)
+            live = req.active.model.stream(step.messages, **student_kw)
             try:
                 for piece in _until_last(live, pieces):
                     yield self._emit(piece, run_manager)
+                result: Any = _joined(pieces)
             except StudentError as e:
                 if pieces:  # part of the answer is already out: nothing can replace it
                     raise
-                step = steps.send(e)
-                continue
-            step = steps.send(_joined(pieces))
+                result = e
+            step = steps.send(result)
         yield self._emit(self._final_chunk(step, pieces), run_manager)
 
     async def _astream(
@@ -824,18 +823,17 @@ class ChatUnderstudy(BaseChatModel):
             if not (isinstance(step, RunStudent) and step.live):
                 step = steps.send(await self._ado(req, step, stop, kwargs))
                 continue
-            live = req.active.model.astream(
-                step.messages, **self._student_kwargs(stop, kwargs, step.facts)
-            )
+            student_kw = self._student_kwargs(stop, kwargs, step.facts)
+            live = req.active.model.astream(step.messages, **student_kw)
             try:
                 async for piece in _auntil_last(live, pieces):
                     yield await self._aemit(piece, run_manager)
+                result: Any = _joined(pieces)
             except StudentError as e:
                 if pieces:  # part of the answer is already out: nothing can replace it
                     raise
-                step = steps.send(e)
-                continue
-            step = steps.send(_joined(pieces))
+                result = e
+            step = steps.send(result)
         yield await self._aemit(self._final_chunk(step, pieces), run_manager)
 
     @staticmethod
