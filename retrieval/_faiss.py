@@ -202,8 +202,9 @@ class VectorIndex:
         base = self._base(n_total)
         sample = np.ascontiguousarray(sample, dtype=np.float32)
         cap = _IVF_TRAIN_PER_CELL * int(base.nlist)
-        if len(sample) > cap:  # an even spread, so the sample sees every part of the data
-            sample = np.ascontiguousarray(sample[:: -(-len(sample) // cap)])
+        if len(sample) > cap:  # evenly spread, so the sample sees every part of the data
+            rows = np.linspace(0, len(sample) - 1, cap).astype(np.int64)
+            sample = np.ascontiguousarray(sample[rows])
         base.train(sample)
         base.make_direct_map()  # so stored vectors can be read back (cache, MMR, merges)
         self._index = faiss.IndexIDMap2(base)
