@@ -1,7 +1,7 @@
-"""Knowledge store at scale: ingest vs embedding throughput, search latency, recall, memory.
+"""Knowledge store at scale: ingest vs embedding throughput, writes, search latency, recall, memory.
 
-    .venv/bin/python bench/kb_scale.py                  # 10k, 100k, 1M x flat, hnsw (~10 min)
-    .venv/bin/python bench/kb_scale.py --sizes 10000    # a quick run
+    .venv/bin/python bench/kb_scale.py                  # 10k, 100k (flat, hnsw, ivf), 1M (flat, ivf)
+    .venv/bin/python bench/kb_scale.py --sizes 10000 --ingest-texts 0    # a quick run
 
 1. Ingest: the bundled all-MiniLM-L6-v2 embeds N fact sentences on its own (``embed_documents``,
    the store's batch size), then ``KnowledgeStore.add_texts`` and ``understudy kb ingest``'s
@@ -16,8 +16,17 @@
    10 facts included), as wall-clock and on-CPU time (on a shared machine the gap is time the OS
    gave other processes), and, for reference, the FAISS call alone; recall@10 is against exact
    search. Memory per vector = RSS growth of a fresh process opening the store / n.
-   HNSW is built with M=16, efConstruction=40 (20 from 1M vectors on: at 40 the 1M build took
-   11 minutes on the 2 shared cores this was written on).
+   HNSW is built with M=16, efConstruction=40; at 1M the default kinds are flat and IVF
+   (``4 * sqrt(n)`` cells, k-means on 40 vectors per cell): an HNSW graph of 1M vectors good
+   enough for recall 0.95 takes far longer to build on 2 shared cores (``--kinds-1m hnsw`` runs
+   it anyway). Bytes scanned per query: flat reads every vector; IVF reads its centroids and the
+   ``nprobe`` cells visited.
+3. Writes: into each store just built (one segment), ``--upserts-1`` single-fact upserts, each
+   replacing a random existing fact with a new vector, then ``--upserts-100`` writes of 100 facts
+   (50 new keys, 50 replaced), timed one ``add_embeddings`` call each (precomputed vectors: no
+   embedding time). Each write appends a segment; small segments merge inside the write that
+   fills a tier, and those merges are in the timings. Afterwards the search is timed again over
+   the segments the writes left, then after ``compact()`` (its time reported too).
 """
 
 from __future__ import annotations
@@ -269,8 +278,9 @@ def measure_search(store: Any, queries: np.ndarray, gt: np.ndarray) -> dict[str,
 
     ms, cpu = latencies(search, queries)
     found = found[-len(queries) :]
-    vindex, params = store._vindex, store.params
-    raw, _ = latencies(lambda v: vindex.search(v, 10, None, params), queries)
+    largest = max(store._engine._segments, key=lambda s: s.index.ntotal).index
+    params = store.params
+    raw, _ = latencies(lambda v: largest.search(v, 10, None, params), queries)
     recall = [len(set(f) & set(g.tolist())) / 10 for f, g in zip(found, gt, strict=True)]
     return {
         "queries": len(queries),
@@ -281,6 +291,52 @@ def measure_search(store: Any, queries: np.ndarray, gt: np.ndarray) -> dict[str,
         "faiss_p50_ms": float(np.percentile(raw, 50)),
         "faiss_p99_ms": float(np.percentile(raw, 99)),
         "recall_at_10": float(np.mean(recall)),
+    }
+
+
+def bytes_scanned(store: Any, n: int) -> int:
+    """Bytes of vectors one query reads from the largest segment (flat: all; IVF: its cells)."""
+    index = max(store._engine._segments, key=lambda s: s.index.ntotal).index
+    if index.kind == "flat":
+        return n * DIM * 4
+    if index.kind == "ivf" and index.nlist:
+        probed = min(store.params.nprobe, index.nlist)
+        return (index.nlist + probed * n // index.nlist) * DIM * 4
+    return 0  # HNSW: depends on the walk
+
+
+def percentiles(ms: list[float]) -> dict[str, float]:
+    a = np.array(ms)
+    return {"p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)),
+            "max_ms": float(a.max()), "mean_ms": float(a.mean())}  # fmt: skip
+
+
+def measure_upserts(store: Any, n: int, args: argparse.Namespace, seed: int) -> dict[str, Any]:
+    """Time single-fact and 100-fact upserts into a store of ``n`` facts (precomputed vectors)."""
+    rng = np.random.default_rng(seed)
+
+    def vectors(m: int) -> list[list[float]]:
+        return unit(rng.standard_normal((m, DIM), dtype=np.float32)).tolist()
+
+    one: list[float] = []
+    for i in range(args.upserts_1):
+        key = str(int(rng.integers(0, n)))
+        (vec,) = vectors(1)
+        t = time.perf_counter()
+        store.add_embeddings([(f"fact {key} revised {i}", vec)], ids=[key])
+        one.append((time.perf_counter() - t) * 1000.0)
+    hundred: list[float] = []
+    for r in range(args.upserts_100):
+        keys = [str(int(k)) for k in rng.choice(n, 50, replace=False)]
+        keys += [f"new-{r}-{i}" for i in range(50)]
+        pairs = list(zip([f"fact {k} batch {r}" for k in keys], vectors(100), strict=True))
+        t = time.perf_counter()
+        store.add_embeddings(pairs, ids=keys)
+        hundred.append((time.perf_counter() - t) * 1000.0)
+    return {
+        "upsert_1": percentiles(one) | {"writes": len(one)},
+        "upsert_100": percentiles(hundred) | {"writes": len(hundred)},
+        "segments_after": len(store.segments()),
     }
 
 
@@ -305,34 +361,77 @@ def bench_store(
         hnsw_m=args.hnsw_m,
         ef_construction=ef_construction,
     )
+    load = os.getloadavg()
     t = time.perf_counter()
     store.upsert([f"fact {i}" for i in range(n)], ids=[str(i) for i in range(n)], vectors=x)
     build_s = time.perf_counter() - t
-    log(f"{kind} {n} {data}: built in {build_s:.1f}s")
-    index_bytes = sum(p.stat().st_size for p in path.glob("index-*.faiss"))
+    log(f"{kind} {n} {data}: built in {build_s:.1f}s (load {load[0]:.1f})")
+    index_bytes = sum(p.stat().st_size for p in path.glob("seg-*.faiss"))
     sqlite_bytes = sum(p.stat().st_size for p in path.glob("knowledge.sqlite*"))
     queries = q[: args.flat_queries_1m] if kind == "flat" and big else q
     rows = []
-    efs = [None] if kind == "flat" else (args.ef_search_1m if big else args.ef_search)
-    for ef in efs:
-        if ef is not None:
-            store.params = replace(store.params, ef_search=ef)
+    if kind == "hnsw":
+        settings = [("ef_search", v) for v in (args.ef_search_1m if big else args.ef_search)]
+    elif kind == "ivf":
+        settings = [("nprobe", v) for v in args.nprobe]
+    else:
+        settings = [("", 0)]
+    for name, value in settings:
+        if name:
+            store.params = replace(store.params, **{name: value})
         row = measure_search(store, queries, gt[: len(queries)])
         row |= {
             "n": n,
             "kind": kind,
             "data": data,
-            "ef_search": ef,
+            "ef_search": value if kind == "hnsw" else None,
+            "nprobe": value if kind == "ivf" else None,
+            "nlist": store._engine._segments[0].index.nlist,
             "hnsw_m": args.hnsw_m if kind == "hnsw" else None,
             "ef_construction": ef_construction if kind == "hnsw" else None,
             "build_s": build_s,
+            "build_load_average": load,
             "add_vectors_per_s": n / build_s,
+            "bytes_scanned_per_query": bytes_scanned(store, n),
             "index_bytes_per_vector": index_bytes / n,
             "sqlite_bytes_per_vector": sqlite_bytes / n,
         }
         rows.append(row)
-        log(f"  ef={ef}: p50 {row['p50_ms']:.2f} ms p99 {row['p99_ms']:.2f} ms "
+        log(f"  {name}={value}: p50 {row['p50_ms']:.2f} ms p99 {row['p99_ms']:.2f} ms "
             f"recall@10 {row['recall_at_10']:.3f}")  # fmt: skip
+    best = max(rows, key=lambda r: (r["recall_at_10"] >= 0.95, -r["p99_ms"]))
+    if best["kind"] == "hnsw":
+        store.params = replace(store.params, ef_search=best["ef_search"])
+    elif best["kind"] == "ivf":
+        store.params = replace(store.params, nprobe=best["nprobe"])
+    writes: dict[str, Any] = {"n": n, "kind": kind, "data": data,
+                              "load_average_before": os.getloadavg()}  # fmt: skip
+    if args.upserts_1 or args.upserts_100:
+        writes |= measure_upserts(store, n, args, seed=n + 7)
+        log(f"  upsert 1: p50 {writes['upsert_1']['p50_ms']:.1f} ms p99 "
+            f"{writes['upsert_1']['p99_ms']:.1f} ms; upsert 100: p50 "
+            f"{writes['upsert_100']['p50_ms']:.1f} ms p99 {writes['upsert_100']['p99_ms']:.1f} ms; "
+            f"{writes['segments_after']} segments")  # fmt: skip
+        # Ground truth for the queries has changed little (a few hundred of n facts); the
+        # search is timed again over the segments the writes left, and after compaction.
+        after = measure_search(store, queries[:100], gt[:100])
+        compact_s, compacted = None, None
+        if n <= args.compact_up_to:
+            t = time.perf_counter()
+            store.compact()
+            compact_s = time.perf_counter() - t
+            compacted = measure_search(store, queries[:100], gt[:100])
+        writes |= {
+            "search_after_writes": {k: after[k] for k in ("p50_ms", "p99_ms", "cpu_p99_ms")},
+            "compact_s": compact_s,
+            "search_after_compact": (
+                {k: compacted[k] for k in ("p50_ms", "p99_ms", "cpu_p99_ms")} if compacted else None
+            ),
+            "search_setting": {"ef_search": best["ef_search"], "nprobe": best["nprobe"]},
+        }
+        log(f"  search after writes p99 {after['p99_ms']:.2f} ms; compact {compact_s} s; "
+            f"after compact {writes['search_after_compact']}")  # fmt: skip
+    writes["load_average_after"] = os.getloadavg()
     store.close()
     del store
     gc.collect()
@@ -340,7 +439,23 @@ def bench_store(
     for row in rows:
         row["rss_bytes_per_vector"] = mem / n
     shutil.rmtree(path, ignore_errors=True)
+    for row in rows:
+        row["writes"] = writes
     return rows
+
+
+def read_bandwidth(mb: int = 512, rounds: int = 5) -> float:
+    """Single-thread read bandwidth in bytes/s (best of ``rounds`` sums over ``mb`` MB).
+
+    A flat search reads every vector once, so bytes scanned / this is the floor of its latency.
+    """
+    a = np.ones(mb * 1024 * 1024 // 4, dtype=np.float32)
+    best = float("inf")
+    for _ in range(rounds):
+        t = time.perf_counter()
+        a.sum()  # float32, numpy's own SIMD loop on this thread
+        best = min(best, time.perf_counter() - t)
+    return a.nbytes / best
 
 
 def machine() -> dict[str, Any]:
@@ -352,17 +467,23 @@ def machine() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "faiss": faiss.__version__,
         "faiss_omp_threads": faiss.omp_get_max_threads(),
+        "read_bytes_per_s_one_thread": read_bandwidth(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "load_average_at_start": os.getloadavg(),
+        "uptime_at_start": subprocess.run(
+            ["uptime"], capture_output=True, text=True
+        ).stdout.strip(),
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
 
 
-def hnsw(row: dict[str, Any]) -> str:
-    if row["kind"] != "hnsw":
-        return "-"
-    return f"{row['hnsw_m']} / {row['ef_construction']} / {row['ef_search']}"
+def setting(row: dict[str, Any]) -> str:
+    if row["kind"] == "hnsw":
+        return f"M {row['hnsw_m']} / efC {row['ef_construction']} / efS {row['ef_search']}"
+    if row["kind"] == "ivf":
+        return f"nlist {row['nlist']} / nprobe {row['nprobe']}"
+    return "-"
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -384,16 +505,42 @@ def markdown(result: dict[str, Any]) -> str:
             "",
         ]
     lines += [
-        "| vectors | index | data | M / efC / efSearch | build (vectors/s) | p50 ms | p99 ms | p99 ms on CPU "
-        "| FAISS-only p99 ms | recall@10 | index B/vector | RSS B/vector |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| vectors | index | parameters | build s | p50 ms | p99 ms | p99 ms on CPU "
+        "| FAISS-only p99 ms | recall@10 | MB scanned/query | RSS B/vector |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["scale"]:
+        scanned = (
+            f"{r['bytes_scanned_per_query'] / 1e6:.1f}" if r["bytes_scanned_per_query"] else "–"
+        )
         lines.append(
-            f"| {r['n']:,} | {r['kind']} | {r['data']} | {hnsw(r)} | "
-            f"{r['add_vectors_per_s']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
-            f"{r['cpu_p99_ms']:.2f} | {r['faiss_p99_ms']:.2f} | {r['recall_at_10']:.3f} | "
-            f"{r['index_bytes_per_vector']:,.0f} | {r['rss_bytes_per_vector']:,.0f} |"
+            f"| {r['n']:,} | {r['kind']} | {setting(r)} | {r['build_s']:.1f} | "
+            f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['cpu_p99_ms']:.2f} | "
+            f"{r['faiss_p99_ms']:.2f} | {r['recall_at_10']:.3f} | {scanned} | "
+            f"{r['rss_bytes_per_vector']:,.0f} |"
+        )
+    lines += [
+        "",
+        "| facts | index | upsert 1: p50 / p99 ms | upsert 100: p50 / p99 ms | segments after "
+        "| search p99 ms after writes | compact s | search p99 ms after compact |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    seen = set()
+    for r in result["scale"]:
+        w = r["writes"]
+        if (w["n"], w["kind"], w["data"]) in seen or "upsert_1" not in w:
+            continue
+        seen.add((w["n"], w["kind"], w["data"]))
+        lines.append(
+            f"| {w['n']:,} | {w['kind']} | {w['upsert_1']['p50_ms']:.1f} / "
+            f"{w['upsert_1']['p99_ms']:.1f} | {w['upsert_100']['p50_ms']:.1f} / "
+            f"{w['upsert_100']['p99_ms']:.1f} | {w['segments_after']} | "
+            f"{w['search_after_writes']['p99_ms']:.2f} | "
+            + (
+                f"{w['compact_s']:.1f} | {w['search_after_compact']['p99_ms']:.2f} |"
+                if w["compact_s"] is not None
+                else "– | – |"
+            )
         )
     return "\n".join(lines)
 
@@ -401,7 +548,13 @@ def markdown(result: dict[str, Any]) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--sizes", default="10000,100000,1000000")
-    p.add_argument("--kinds", default="flat,hnsw")
+    p.add_argument("--kinds", default="flat,hnsw,ivf", help="index kinds below 1M vectors")
+    p.add_argument("--kinds-1m", default="flat,ivf", help="index kinds from 1M vectors on")
+    p.add_argument("--nprobe", default="4,8,16,32", help="IVF cells searched, to report")
+    p.add_argument("--upserts-1", type=int, default=200, help="single-fact writes per store")
+    p.add_argument("--upserts-100", type=int, default=30, help="100-fact writes per store")
+    p.add_argument("--compact-up-to", type=int, default=100_000,
+                   help="time compact() after the writes in stores up to this size")  # fmt: skip
     p.add_argument("--queries", type=int, default=300)
     p.add_argument("--flat-queries-1m", type=int, default=100, help="flat at 1M is slow")
     p.add_argument("--ingest-texts", type=int, default=1000)
@@ -427,8 +580,8 @@ def main() -> int:
         return 0
     args.ef_search = [int(v) for v in args.ef_search.split(",")]
     args.ef_search_1m = [int(v) for v in args.ef_search_1m.split(",")]
+    args.nprobe = [int(v) for v in args.nprobe.split(",")]
     sizes = [int(v) for v in args.sizes.split(",")]
-    kinds = args.kinds.split(",")
 
     import torch
 
@@ -444,6 +597,7 @@ def main() -> int:
         for n in sizes:
             x, q = topic_vectors(n, args.queries, seed=n)
             gt = exact_top10(x, q)
+            kinds = (args.kinds_1m if n >= 1_000_000 else args.kinds).split(",")
             for kind in kinds:
                 rows += bench_store(kind, x, q, gt, work, args, "topics")
             if n == 100_000 and "hnsw" in kinds and args.isotropic:
@@ -456,6 +610,7 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result["total_seconds"] = time.perf_counter() - started
+    result["machine"]["load_average_at_end"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, default=str))
     print(markdown(result))
