@@ -558,3 +558,22 @@ def test_segments_of_one_size_merge(tmp_path: Path, emb: CountingEmbeddings) -> 
     (merged,) = store.segments()
     assert merged.vectors == 8800 and store.stats().segments == 1
     assert store.similarity_search("r3 t5", k=1)[0].page_content == "r3 t5"
+
+
+def test_a_reader_far_behind_reloads_what_the_log_no_longer_holds(
+    tmp_path: Path, emb: CountingEmbeddings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from langchain_understudy.retrieval import _engine
+
+    monkeypatch.setattr(_engine, "_RETIRED_LOG", 2)  # keep only the last few revisions' log
+    writer = KnowledgeStore(tmp_path / "kb", emb)
+    writer.add_texts([f"fact {i}" for i in range(10)], ids=[f"k{i}" for i in range(10)])
+    reader = KnowledgeStore(tmp_path / "kb", emb)
+    assert len(reader) == 10
+    for i in range(8):  # retire k0..k7, one revision each: the log is trimmed meanwhile
+        writer.delete([f"k{i}"])
+    assert int(writer._engine.meta()["retired_floor"]) > reader._engine.revision
+    assert len(reader) == 2
+    assert sorted(d.id or "" for d in reader.similarity_search("fact 1", k=10)) == ["k8", "k9"]
+    writer.delete(["k8"])  # caught up: the next change comes from the log
+    assert [d.id for d in reader.similarity_search("fact 1", k=10)] == ["k9"]
