@@ -87,6 +87,8 @@ _FIELD_KEYS = (
     "id", "created_at", "model", "latency_ms", "tags", "run_id", "parent_run_id", "error",
 )  # fmt: skip
 _ROLES = ("system", "developer", "user", "assistant", "tool")
+#: Deepest nesting of arrays and objects accepted in an imported line.
+MAX_JSON_DEPTH = 100
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS traces (
@@ -135,7 +137,11 @@ def _as_utc(value: TimeLike) -> datetime:
         except ValueError as e:
             msg = f"time must be ISO-8601 like 2026-01-31 or 2026-01-31T12:00:00Z, got {value!r}"
             raise TraceError(msg) from e
-    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+    try:
+        return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+    except OverflowError as e:  # 0001-01-01T00:00+01:00 is before year 1 in UTC
+        msg = f"time {value!s} is out of range in UTC; use a time between years 1 and 9999"
+        raise TraceError(msg) from e
 
 
 def _iso(value: TimeLike) -> str:
@@ -510,7 +516,11 @@ def _fields_from_metadata(meta: dict[str, Any]) -> dict[str, Any]:
             if not isinstance(value, str):
                 msg = f"metadata.created_at must be an ISO-8601 string, got {value!r}"
                 raise TraceError(msg)
-            value = _as_utc(value)
+            try:
+                value = _as_utc(value)
+            except TraceError as e:
+                msg = f"metadata.created_at: {e}"
+                raise TraceError(msg) from e
         elif key == "latency_ms":
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 msg = f"metadata.latency_ms must be a number, got {value!r}"
@@ -1029,6 +1039,13 @@ def _parse_line(
     except json.JSONDecodeError as e:
         msg = f"not valid JSON ({e.msg} at column {e.colno})"
         raise TraceError(msg) from e
+    except RecursionError as e:
+        msg = f"nested more than {MAX_JSON_DEPTH} levels deep; flatten the line"
+        raise TraceError(msg) from e
+    except ValueError as e:  # an integer of more digits than Python converts
+        msg = f"not valid JSON ({e}); write huge numbers as strings"
+        raise TraceError(msg) from e
+    _check_json(obj)
     if redactor is not None and isinstance(obj, Mapping):
         obj = {
             **obj,
@@ -1039,6 +1056,38 @@ def _parse_line(
     if tags:
         trace.tags = list(dict.fromkeys([*trace.tags, *tags]))
     return trace
+
+
+def _check_json(value: Any) -> None:
+    """Refuse a parsed line that is too deep or holds a string that is not valid Unicode.
+
+    Lines nested deeper than :data:`MAX_JSON_DEPTH` would exhaust the stack of the code that
+    reads them later; a lone surrogate escape (a high or low half alone) makes a string SQLite
+    cannot store. The walk is iterative, so the check itself cannot exhaust the stack.
+    """
+    stack: list[tuple[Any, int, str]] = [(value, 0, "")]
+    while stack:
+        item, depth, where = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as e:
+                msg = (
+                    f"{where or 'the line'} holds a lone UTF-16 surrogate "
+                    f"(U+{ord(item[e.start]):04X}), which is not valid Unicode; re-export the "
+                    "file with valid text"
+                )
+                raise TraceError(msg) from None
+        elif isinstance(item, (dict, list)):
+            if depth >= MAX_JSON_DEPTH:
+                msg = f"{where or 'the line'} is nested more than {MAX_JSON_DEPTH} levels deep"
+                raise TraceError(msg)
+            pairs = item.items() if isinstance(item, dict) else enumerate(item)
+            for key, child in pairs:
+                shown = str(key).encode("utf-8", "backslashreplace").decode("utf-8")
+                path = f"{where}.{shown}" if where else shown
+                stack.append((key, depth + 1, f"a key of {where or 'the line'}"))
+                stack.append((child, depth + 1, path))
 
 
 def _write_jsonl(f: IO[str], traces: Iterable[Trace]) -> int:

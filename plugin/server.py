@@ -410,6 +410,9 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def _dumps(obj: Any) -> str:
     return json.dumps(_plain(obj), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
@@ -700,7 +703,9 @@ def create_app(
         return _JSONResponse(payload, headers=headers)
 
     def sse(obj: Any) -> str:
-        return f"data: {_dumps(obj)}\n\n"
+        # Line-oriented clients (Python's splitlines among them) also break lines at NEL, LINE
+        # SEPARATOR and PARAGRAPH SEPARATOR: escape them so an event stays on one line.
+        return f"data: {_dumps(obj).translate(_LINE_BREAKS)}\n\n"
 
     async def stream(
         cid: str, messages: list[BaseMessage], kwargs: dict[str, Any], include_usage: bool

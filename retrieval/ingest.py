@@ -8,7 +8,9 @@ and ``as_of`` columns).
 
 Only what the user names is read: folders are walked without following symlinks, hidden entries
 are skipped, and a symlinked file pointing outside the named folder is reported and skipped, as
-are unreadable, binary and non-UTF-8 files. Re-ingesting a file replaces its facts in one
+are unreadable, binary and non-UTF-8 files and files whose names are not UTF-8. Records that
+cannot be stored (lone surrogate escapes, nesting deeper than :data:`MAX_JSON_DEPTH`, times out
+of range) are reported as bad records. Re-ingesting a file replaces its facts in one
 transaction (chunks it no longer has are retired), and unchanged text is never re-embedded.
 """
 
@@ -26,7 +28,7 @@ from typing import Any
 from langchain_core.documents import Document
 
 from langchain_understudy.errors import ConfigError
-from langchain_understudy.retrieval._time import to_iso, to_timestamp
+from langchain_understudy.retrieval._time import from_timestamp, to_iso, to_timestamp
 from langchain_understudy.retrieval.vectorstores import KnowledgeStore
 
 __all__ = [
@@ -37,6 +39,9 @@ __all__ = [
     "ingest_paths",
     "load_source",
 ]
+
+#: Deepest nesting of arrays and objects accepted in a ``.jsonl`` record.
+MAX_JSON_DEPTH = 100
 
 SUPPORTED_SUFFIXES: dict[str, str] = {
     ".txt": "text",
@@ -180,6 +185,11 @@ def load_source(
         The facts and a report (``status`` says why, when the file or records were skipped).
     """
     kind = SUPPORTED_SUFFIXES.get(path.suffix.lower(), "")
+    if not _is_text(str(path)):
+        # Undecodable name bytes come back from the OS as lone surrogates, which no store can
+        # hold; the report shows them escaped.
+        shown = str(path).encode("utf-8", "backslashreplace").decode("utf-8")
+        return [], SourceReport(shown, kind, status="skipped: file name is not UTF-8 (rename it)")
     src = source or str(path.resolve())
     report = SourceReport(str(path), kind=kind, source=src)
     try:
@@ -232,8 +242,44 @@ def _chunk(
     ]
 
 
+def _is_text(value: str) -> bool:
+    """Whether ``value`` is valid Unicode (no lone surrogates), so it can be stored as UTF-8."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _bad_value(value: Any) -> str | None:
+    """Return why a parsed JSON value cannot be stored, or ``None`` when it can.
+
+    A value cannot be stored when it is nested deeper than :data:`MAX_JSON_DEPTH` or holds a
+    string with a lone UTF-16 surrogate (a high or low half alone). The walk is iterative, so a
+    deep value cannot exhaust the stack here.
+    """
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if not _is_text(item):
+                return "holds a lone UTF-16 surrogate, which is not valid Unicode"
+        elif isinstance(item, (dict, list)):
+            if depth >= MAX_JSON_DEPTH:
+                return f"is nested more than {MAX_JSON_DEPTH} levels deep"
+            if isinstance(item, dict):
+                stack += [(k, depth + 1) for k in item]
+                stack += [(v, depth + 1) for v in item.values()]
+            else:
+                stack += [(v, depth + 1) for v in item]
+    return None
+
+
 def _fact(record: dict[str, Any], src: str, where: str, default_key: str) -> Document | str:
     """Return a fact, or why the record was skipped."""
+    bad = _bad_value(record)
+    if bad is not None:
+        return f"{where}: {bad}"
     text = record.pop("text", None)
     if not isinstance(text, str) or not text.strip():
         return f"{where}: needs a non-empty 'text'"
@@ -247,9 +293,11 @@ def _fact(record: dict[str, Any], src: str, where: str, default_key: str) -> Doc
         metadata.pop("as_of", None)
     else:
         try:
-            to_timestamp(as_of)
+            from_timestamp(to_timestamp(as_of))  # a time the store can also write back
         except ConfigError as e:
             return f"{where}: {e}"
+        except (OverflowError, ValueError, OSError):
+            return f"{where}: as_of {as_of!r} is out of range; use a time between years 1 and 9999"
     metadata.setdefault("source", src)
     return Document(id=str(key), page_content=text, metadata=metadata)
 
@@ -264,6 +312,12 @@ def _jsonl(text: str, src: str) -> tuple[list[Document], list[str]]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             bad.append(f"line {n}: invalid JSON ({e.msg})")
+            continue
+        except RecursionError:
+            bad.append(f"line {n}: nested more than {MAX_JSON_DEPTH} levels deep")
+            continue
+        except ValueError as e:  # an integer of more digits than Python converts
+            bad.append(f"line {n}: invalid JSON ({e})")
             continue
         if not isinstance(record, dict):
             bad.append(f"line {n}: not a JSON object")

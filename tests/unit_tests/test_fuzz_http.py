@@ -11,35 +11,32 @@ generated cases per property (``bench/fuzz.py`` runs thousands).
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatResult
 from prometheus_client.parser import text_string_to_metric_families
+from test_fuzz_strategies import (
+    any_text,
+    encode,
+    fuzz_settings,
+    json_values,
+    mutate,
+    nested,
+    valid_text,
+)
 
 from langchain_understudy.config import ServerSettings
 from langchain_understudy.plugin.server import MAX_JSON_DEPTH, create_app
 from langchain_understudy.prompting import message_text, render_prompt
 
-_BUDGET = os.environ.get("UNDERSTUDY_FUZZ_EXAMPLES")
-FUZZ = settings(
-    max_examples=int(_BUDGET or 40),
-    deadline=None,
-    database=None,
-    derandomize=_BUDGET is None,  # CI explores the same cases every run
-    suppress_health_check=[
-        HealthCheck.too_slow,
-        HealthCheck.data_too_large,
-        HealthCheck.large_base_example,
-    ],
-)
+FUZZ = fuzz_settings(ci_examples=40)
 LIMIT = 4096  # server.max_request_bytes in these tests
 MAX_TOKENS = 64
 URL = "/v1/chat/completions"
@@ -82,24 +79,6 @@ def client() -> Iterator[TestClient]:
 
 # -- strategies -------------------------------------------------------------------------------
 
-#: Code points that break text handling: lone surrogates, NUL, BOM, bidi and zero-width marks,
-#: line separators, a combining mark, non-characters, astral emoji.
-EDGE_CHARS = "\ud800\udbff\udc00\udfff\x00\ufeff\u202e\u200b\u2028\u0301\uffff\U0010ffff😀\r\n\t"
-#: Any code point, lone surrogates included (Hypothesis leaves them out by default), and short
-#: strings made mostly of the edge cases.
-any_text = st.text(st.characters(exclude_categories=()), max_size=40) | st.text(
-    st.sampled_from(EDGE_CHARS + "ab "), max_size=8
-)
-#: Text a client may legitimately send: every code point but the surrogates.
-valid_text = st.text(st.characters(exclude_categories=("Cs",)), max_size=40) | st.text(
-    st.sampled_from(EDGE_CHARS[4:] + "ab "), max_size=8
-)
-json_scalars = st.none() | st.booleans() | st.integers() | st.floats() | any_text
-json_values = st.recursive(
-    json_scalars,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(any_text, inner, max_size=4),
-    max_leaves=12,
-)
 valid_message = st.fixed_dictionaries(
     {
         "role": st.sampled_from(["system", "developer", "user", "assistant"]),
@@ -136,17 +115,6 @@ valid_fields: dict[str, st.SearchStrategy[Any]] = {
 }
 
 
-def _paths(obj: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    out = [prefix]
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            out += _paths(v, (*prefix, k))
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            out += _paths(v, (*prefix, i))
-    return out
-
-
 @st.composite
 def request_objects(draw: st.DrawFn) -> dict[str, Any]:
     """A well-formed chat request, then up to three of its values replaced by any JSON value,
@@ -156,34 +124,16 @@ def request_objects(draw: st.DrawFn) -> dict[str, Any]:
     for key, values in valid_fields.items():
         if draw(st.integers(0, 3)) == 0:
             body[key] = draw(values)
-    for _ in range(draw(st.sampled_from([0, 0, 0, 1, 2, 3]))):
-        paths = _paths(body)[1:]
-        if not paths:
-            break
-        path = draw(st.sampled_from(paths))
-        parent = body
-        for step in path[:-1]:
-            parent = parent[step]
-        if draw(st.booleans()) and isinstance(parent, dict):
-            del parent[path[-1]]
-        else:
-            parent[path[-1]] = draw(json_values)
+    mutate(draw, body)
     body.update(draw(st.dictionaries(any_text, json_values, max_size=2)))  # unknown fields
     return body
-
-
-def _nested(depth: int, kind: str) -> str:
-    """JSON text nested ``depth`` levels deep (built as text: json.dumps would recurse)."""
-    if kind == "list":
-        return "[" * depth + "1" + "]" * depth
-    return '{"a":' * depth + "1" + "}" * depth
 
 
 @st.composite
 def nested_bodies(draw: st.DrawFn) -> bytes:
     """A request whose messages, content or an extra field holds a deeply nested value."""
     depth = draw(st.integers(0, 6000))
-    value = _nested(depth, draw(st.sampled_from(["list", "dict"])))
+    value = nested(depth, draw(st.sampled_from(["list", "dict"])))
     where = draw(st.sampled_from(["messages", "content", "extra", "top"]))
     if where == "top":
         return value.encode()
@@ -194,19 +144,14 @@ def nested_bodies(draw: st.DrawFn) -> bytes:
     return f'{{"messages": [{{"role": "user", "content": "hi"}}], "metadata": {value}}}'.encode()
 
 
-def _encode(obj: Any) -> bytes:
-    # ASCII JSON: lone surrogates travel as \u escapes, as JSON clients send them
-    return json.dumps(obj, ensure_ascii=True, allow_nan=True).encode("ascii")
-
-
 raw_bodies = (
     st.binary(max_size=LIMIT + 200)
-    | request_objects().map(_encode)
-    | json_values.map(_encode)
+    | request_objects().map(encode)
+    | json_values.map(encode)
     | nested_bodies()
     | st.binary(min_size=LIMIT - 50, max_size=LIMIT + 50)
     | request_objects()
-    .map(_encode)
+    .map(encode)
     .flatmap(
         lambda b: st.integers(0, max(0, len(b) - 1)).map(lambda i: b[:i])  # cut short
     )
@@ -251,6 +196,9 @@ def check_completion(resp: Any) -> dict[str, Any]:
     if resp.status_code != 200:
         check_error(resp)
         return {}
+    if resp.headers["content-type"].startswith("text/event-stream"):  # the body asked for it
+        check_events(resp.text.splitlines())
+        return {}
     body = resp.json()
     assert body["object"] == "chat.completion"
     (choice,) = body["choices"]
@@ -266,7 +214,12 @@ def check_stream(client: TestClient, body: bytes, hdrs: dict[str, str]) -> None:
             resp.read()
             check_error(resp)
             return
-        events = [line[6:] for line in resp.iter_lines() if line.startswith("data: ")]
+        check_events(list(resp.iter_lines()))
+
+
+def check_events(lines: list[str]) -> None:
+    """Server-sent events: JSON chunks, no in-band error, then ``[DONE]``."""
+    events = [line[6:] for line in lines if line.startswith("data: ")]
     assert events and events[-1] == "[DONE]"
     for event in events[:-1]:
         chunk = json.loads(event)
@@ -311,7 +264,7 @@ def test_any_body_streamed_gets_events_or_a_4xx(client: TestClient, body: bytes)
         obj = None
     if isinstance(obj, dict):  # ask for a stream where the body is an object
         obj["stream"] = True
-        body = _encode(obj)
+        body = encode(obj)
     check_stream(client, body, {"content-type": "application/json"})
 
 
@@ -320,7 +273,7 @@ def test_any_body_streamed_gets_events_or_a_4xx(client: TestClient, body: bytes)
 def test_requests_of_any_shape_get_an_answer_or_a_4xx(
     client: TestClient, obj: dict[str, Any]
 ) -> None:
-    body = _encode(obj)
+    body = encode(obj)
     hdrs = {"content-type": "application/json"}
     if obj.get("stream") is True:
         check_stream(client, body, hdrs)
@@ -347,7 +300,7 @@ def test_nesting_within_the_limit_is_read_and_beyond_it_refused(
     client: TestClient, depth: int, kind: str
 ) -> None:
     body = (
-        f'{{"messages": [{{"role": "user", "content": "hi"}}], "metadata": {_nested(depth, kind)}}}'
+        f'{{"messages": [{{"role": "user", "content": "hi"}}], "metadata": {nested(depth, kind)}}}'
     )
     resp = client.post(URL, content=body.encode(), headers={"content-type": "application/json"})
     if len(body) > LIMIT:
@@ -361,7 +314,7 @@ def test_nesting_within_the_limit_is_read_and_beyond_it_refused(
 
 def test_the_server_counted_every_request_and_still_serves(client: TestClient) -> None:
     before = requests_counted(client)
-    for body in (b"{", b"[]", _encode({"messages": [{"role": "user", "content": "\ud800"}]})):
+    for body in (b"{", b"[]", encode({"messages": [{"role": "user", "content": "\ud800"}]})):
         check_error(client.post(URL, content=body, headers={"content-type": "application/json"}))
     check_still_serving(client)
     assert requests_counted(client) == before + 4
@@ -371,16 +324,16 @@ def test_the_server_counted_every_request_and_still_serves(client: TestClient) -
 
 FOUND = {
     # a lone surrogate reached the model's UTF-8 encoder: 500 UnicodeEncodeError
-    "lone-surrogate": _encode({"messages": [{"role": "user", "content": "\ud800"}]}),
-    "lone-surrogate-in-part": _encode(
+    "lone-surrogate": encode({"messages": [{"role": "user", "content": "\ud800"}]}),
+    "lone-surrogate-in-part": encode(
         {"messages": [{"role": "user", "content": [{"type": "text", "text": "a\udfff"}]}]}
     ),
-    "lone-surrogate-in-stop": _encode(
+    "lone-surrogate-in-stop": encode(
         {"messages": [{"role": "user", "content": "hi"}], "stop": ["\udc80"]}
     ),
     # 5,000 nested arrays: RecursionError in json.loads, 500
     "deep-nesting": b'{"messages": [{"role": "user", "content": "hi"}], "x": '
-    + _nested(5000, "list").encode()
+    + nested(5000, "list").encode()
     + b"}",
     # an integer of more than 4,300 digits: ValueError from int parsing, 500
     "huge-integer": b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": '
@@ -400,6 +353,23 @@ def test_found_case_gets_a_4xx(name: str) -> None:
         check_error(resp)
         assert resp.status_code == 400
         check_still_serving(c)
+
+
+@pytest.mark.parametrize("char", ["\u2028", "\u2029", "\x85"])
+def test_found_line_separator_in_a_streamed_answer_stays_in_one_event(
+    client: TestClient, char: str
+) -> None:
+    # found by fuzzing: the echoed U+2028 split an event's JSON for line-splitting clients
+    body = {"messages": [{"role": "user", "content": f"a{char}b"}], "stream": True}
+    with client.stream("POST", URL, json=body) as resp:
+        lines = [line for line in resp.iter_lines() if line]
+    check_events(lines)
+    text = "".join(
+        json.loads(line[6:])["choices"][0]["delta"].get("content", "")
+        for line in lines[:-1]
+        if json.loads(line[6:])["choices"]
+    )
+    assert text == f"echo: a{char}b"
 
 
 def test_non_finite_model_metadata_is_sent_as_null() -> None:
