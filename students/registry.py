@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -56,6 +57,59 @@ def write_json_atomic(path: Path, data: Any) -> None:
         publish(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+_VERSION = re.compile(r"v[1-9][0-9]{0,8}")
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+
+def _plain_name(name: object) -> bool:
+    """Whether ``name`` is a plain file name (no folder part, not hidden), safe to join."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and "\x00" not in name
+        and not name.startswith(".")
+    )
+
+
+def _index_problem(data: dict[str, Any]) -> str | None:
+    """Say what is wrong with a registry index's structure, or ``None`` when it is sound."""
+    versions = data.get("versions")
+    if not isinstance(versions, dict):
+        return "'versions' must be an object of version id -> entry"
+    for version, entry in versions.items():
+        where = f"versions.{version!r}"
+        if not _VERSION.fullmatch(version):
+            return f"{where}: version ids look like 'v1', 'v2', ..."
+        if not isinstance(entry, dict):
+            return f"{where} must be an object"
+        files = entry.get("files")
+        if not isinstance(files, dict) or _MODEL_FILE not in files:
+            return (
+                f"{where}.files must be an object of file name -> sha256 including {_MODEL_FILE!r}"
+            )
+        for name, digest in files.items():
+            if not _plain_name(name):
+                return f"{where}.files: {name!r} is not a plain file name"
+            if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
+                return f"{where}.files[{name!r}] must be a sha256 hex digest"
+        for key in ("provenance", "metrics"):
+            if not isinstance(entry.get(key, {}), dict):
+                return f"{where}.{key} must be an object"
+        if not isinstance(entry.get("created_at", ""), str):
+            return f"{where}.created_at must be a string"
+    current = data.get("current")
+    if current is not None and current not in versions:
+        return f"'current' must be null or a registered version, got {current!r}"
+    history = data.get("history", [])
+    if not isinstance(history, list) or any(
+        not isinstance(v, str) or v not in versions for v in history
+    ):
+        return "'history' must be a list of registered versions"
+    return None
 
 
 @dataclass(frozen=True)
@@ -123,12 +177,21 @@ class StudentRegistry:
             return {"format": _FORMAT, "versions": {}, "current": None, "history": []}
         try:
             data = json.loads(self._index.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, ValueError, RecursionError) as e:  # ValueError: bad UTF-8 or JSON
             msg = f"registry index {self._index} is unreadable ({e}); restore it from a backup"
             raise ArtifactError(msg) from e
         if not isinstance(data, dict) or data.get("format") != _FORMAT:
             msg = f"{self._index} is not a langchain-understudy registry (format {_FORMAT})"
             raise ArtifactError(msg)
+        problem = _index_problem(data)
+        if problem is not None:
+            msg = (
+                f"registry index {self._index} is damaged: {problem}; restore it from a backup "
+                "(the artifacts under versions/ are untouched)"
+            )
+            raise ArtifactError(msg)
+        data.setdefault("current", None)
+        data.setdefault("history", [])
         return data
 
     def _entry(self, data: dict[str, Any], version: str) -> StudentVersion:
@@ -157,10 +220,15 @@ class StudentRegistry:
         v = version if isinstance(version, StudentVersion) else self._entry(self._read(), version)
         for name, digest in v.files.items():
             path = v.folder / name
-            if not path.exists():
+            if not path.is_file():
                 msg = f"{v.version}: artifact {path} is missing; re-register or roll back"
                 raise ArtifactError(msg)
-            if sha256_file(path) != digest:
+            try:
+                actual = sha256_file(path)
+            except OSError as e:
+                msg = f"{v.version}: artifact {path} cannot be read ({e}); check its permissions"
+                raise ArtifactError(msg) from e
+            if actual != digest:
                 msg = (
                     f"{v.version}: artifact {path} does not match its recorded sha256 (tampered "
                     "or truncated); refusing to load it. Re-register the student or roll back."
