@@ -102,7 +102,7 @@ def _index_problem(data: dict[str, Any]) -> str | None:
         if not isinstance(entry.get("created_at", ""), str):
             return f"{where}.created_at must be a string"
     current = data.get("current")
-    if current is not None and current not in versions:
+    if current is not None and (not isinstance(current, str) or current not in versions):
         return f"'current' must be null or a registered version, got {current!r}"
     history = data.get("history", [])
     if not isinstance(history, list) or any(

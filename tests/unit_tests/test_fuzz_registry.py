@@ -212,6 +212,8 @@ def _edit(index: dict[str, Any], change: str) -> Any:
         data["versions"]["v1"] = "v1"
     elif change == "version-id-not-vN":
         data["versions"]["latest"] = data["versions"].pop("v3")
+    elif change == "current-a-list":  # found by the fuzzing in the first version of the check
+        data["current"] = []
     elif change == "no-current-key":
         del data["current"]
     elif change == "history-not-a-list":
@@ -232,6 +234,7 @@ EDITS = [
     "history-not-a-list",
     "versions-a-list",
     "artifact-outside-the-folder",
+    "current-a-list",
 ]
 
 
