@@ -20,13 +20,23 @@ out-of-scope recall, APGR, CPT(50/80/95 %), per-signal AUROC for student errors,
 p50/p95 with and without the embedding call; plus the curves as PNG. Results go to
 ``bench/results/router_clinc.json`` and ``router_clinc_{single,multi}.png``.
 
+A third arm serves the same test mix, shuffled, with a :class:`TeacherRateController` steering
+the threshold online from its calibrated start (``--controller-window`` requests), and reports the
+teacher-call rate it reaches and the accuracy at it beside the fixed threshold's. It works from the
+per-query signal values alone: the request escalates when its pre- or post-generation score reaches
+the threshold of the moment, and the controller sees the score the routing flow would (the
+pre-generation score alone when that one escalated).
+
 Run it on the student of ``bench/distill_clinc.py`` (its registry and knowledge store)::
 
     .venv/bin/python bench/router_clinc.py --registry bench/out/clinc/students \\
-        --knowledge bench/out/clinc/kb --k 5
+        --knowledge bench/out/clinc/kb --k 5 --save-examples bench/out/clinc/router_examples.json
 
 or on any student GGUF (``--gguf PATH``); ``--ood-from-train`` builds the out-of-distribution index
 from the training queries when the student came without one; ``--limit N`` runs a quick slice.
+``--save-examples`` keeps every query's signal values, so that the routing arms (fitting,
+calibration, the controller) can be rerun in seconds without the student:
+``--from-examples bench/out/clinc/router_examples.json``.
 """
 
 from __future__ import annotations
@@ -37,7 +47,7 @@ import random
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +140,101 @@ def collect(llm: Any, items: list[Item], workers: int, desc: str) -> list[Any]:
             return [ex for part in pool.map(run, chunks) for ex in part]
 
 
+def save_examples(path: Path, collected: dict[str, Any], about: dict[str, Any]) -> Path:
+    """Write every query's signal values and correctness (JSON, no message text)."""
+    data = {
+        **about,
+        "variants": {
+            v: {
+                "cal": [asdict(e) for e in c["cal"]],
+                "test": [asdict(e) for e in c["test"]],
+                "test_dependent": c["test_dependent"],
+            }
+            for v, c in collected.items()
+        },
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+    return path
+
+
+def load_examples(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Read what :func:`save_examples` wrote: (collected examples by variant, provenance)."""
+    from langchain_understudy.router import RoutedExample
+
+    data = json.loads(path.read_text())
+
+    def ex(d: dict[str, Any]) -> RoutedExample:
+        return RoutedExample(**{**d, "failed": tuple(d.get("failed") or ())})
+
+    collected = {
+        v: {
+            "cal": [ex(d) for d in c["cal"]],
+            "test": [ex(d) for d in c["test"]],
+            "test_dependent": list(c["test_dependent"]),
+        }
+        for v, c in data.pop("variants").items()
+    }
+    return collected, data
+
+
+def serve_with_controller(
+    router: Any,
+    examples: list[Any],
+    *,
+    target: float,
+    window: int,
+    gain: float,
+    seed: int,
+) -> dict[str, Any]:
+    """Serve ``examples`` in a shuffled order with the threshold steered online (``auto`` mode).
+
+    The controller starts from the router's calibrated threshold. A request escalates when its
+    pre- or post-generation score reaches the threshold of the moment; the controller is shown
+    the score the routing flow reads (the pre-generation one alone when it escalated) and whether
+    the router asked for the teacher.
+    """
+    import numpy as np
+
+    from langchain_understudy.router import TeacherRateController
+
+    pre = [router.example_score(e, "pre") for e in examples]
+    post = [router.example_score(e, "post") for e in examples]
+    order = random.Random(seed).sample(range(len(examples)), len(examples))
+    ctrl = TeacherRateController(target, window=window, min_requests=min(100, window), gain=gain)
+    up = np.zeros(len(order), dtype=bool)
+    thresholds = []
+    for n, i in enumerate(order):
+        t = ctrl.threshold if ctrl.threshold is not None else router.threshold
+        thresholds.append(t)
+        up[n] = pre[i] >= t or post[i] >= t
+        ctrl.observe(pre[i] if pre[i] >= t else max(pre[i], post[i]), bool(up[n]))
+    correct = np.array([1.0 if up[n] else examples[i].student_correct for n, i in enumerate(order)])
+    oos = np.array([examples[i].out_of_scope for i in order], dtype=bool)
+    settled = slice(2 * window, None)  # after two windows of the new mix
+
+    def rate(sl: slice) -> float | None:
+        return float(up[sl].mean()) if up[sl].size else None
+
+    return {
+        "window": window,
+        "gain": gain,
+        "order_seed": seed,
+        "start_threshold": router.threshold,
+        "final_threshold": thresholds[-1] if thresholds else None,
+        "threshold_range": [min(thresholds), max(thresholds)] if thresholds else None,
+        "teacher_rate": rate(slice(None)),
+        "teacher_rate_settled": rate(settled),
+        "n_settled": int(up[settled].size),
+        "quality": float(correct.mean()) if correct.size else None,
+        "quality_settled": float(correct[settled].mean()) if correct[settled].size else None,
+        "oos_recall": float(up[oos].mean()) if oos.any() else None,
+        "teacher_rate_per_window": [
+            float(up[k : k + window].mean()) for k in range(0, len(up), window)
+        ],
+    }
+
+
 def _pct(v: Any) -> str:
     return "n/a" if v is None else f"{100 * float(v):.1f}%"
 
@@ -145,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     who = ap.add_mutually_exclusive_group(required=True)
     who.add_argument("--gguf", type=Path, help="a student GGUF")
     who.add_argument("--registry", type=Path, help="a student registry (its promoted version)")
+    who.add_argument(
+        "--from-examples", type=Path, help="signal values saved by --save-examples (no student)"
+    )
     ap.add_argument("--version", help="registry version instead of the promoted one")
     ap.add_argument(
         "--knowledge", type=Path, help="KnowledgeStore folder whose facts the student reads"
@@ -175,20 +283,175 @@ def main(argv: list[str] | None = None) -> int:
         help="parallel student contexts (overhead is measured with 1)",
     )
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--save-examples", type=Path, help="write every query's signal values here")
+    ap.add_argument("--controller-window", type=int, default=500, help="controller window")
+    ap.add_argument("--controller-gain", type=float, default=0.5, help="controller integral gain")
     ap.add_argument("--results", type=Path, default=RESULTS, help="output folder")
     ap.add_argument("--name", default="router_clinc", help="output file stem")
     args = ap.parse_args(argv)
 
-    from langchain_understudy.router import (
-        ChatUnderstudy,
-        LearnedRouter,
-        Router,
-        evaluate_router,
-        plot_report,
-    )
-    from langchain_understudy.students import ChatStudent, StudentRegistry
+    from langchain_understudy.router import LearnedRouter, Router, evaluate_router, plot_report
 
     t_start = time.perf_counter()
+    if args.from_examples:
+        collected, about = load_examples(args.from_examples)
+        about["examples"] = str(args.from_examples)
+    else:
+        collected, about = collect_variants(args)
+        if args.save_examples:
+            save_examples(args.save_examples, collected, about)
+
+    results: dict[str, Any] = {}
+    rows_out, ctrl_rows = [], []
+    target = args.target_teacher_rate
+    for variant, c in collected.items():
+        cal, test, dependent = c["cal"], c["test"], c["test_dependent"]
+        reports, per_policy = [], {}
+        for policy, router in (
+            ("calibrated", Router().fit(cal)),
+            ("learned", LearnedRouter().fit(cal)),
+        ):
+            router.calibrate(cal, target_teacher_rate=target, mode="auto")
+            rep = evaluate_router(router, test, mode="auto")
+            scores = router.scores(test, "auto")
+            esc = scores >= router.threshold
+            dep = [i for i, d in enumerate(dependent) if d]
+            at = rep.at_threshold
+            ctrl = serve_with_controller(
+                router,
+                test,
+                target=target,
+                window=args.controller_window,
+                gain=args.controller_gain,
+                seed=args.seed,
+            )
+            goals = {
+                "accuracy>=0.985": (at["quality"] or 0) >= 0.985,
+                "teacher_calls<=0.20": (at["teacher_rate"] or 1) <= 0.20,
+                "oos_recall>=0.90": (at["oos_recall"] or 0) >= 0.90,
+                "cpt80<=0.15": rep.cpt["80"] is not None and rep.cpt["80"] <= 0.15,
+                "apgr>=0.85": rep.apgr is not None and rep.apgr >= 0.85,
+                "overhead_p95_excl_embedding<5ms": (
+                    rep.overhead_ms.get("p95_excluding_embedding") or 1e9
+                )
+                < 5.0,
+                "controller_teacher_rate_within_2pts": ctrl["teacher_rate"] is not None
+                and abs(ctrl["teacher_rate"] - target) <= 0.02,
+            }
+            per_policy[policy] = {
+                **rep.to_dict(),
+                "policy": router.to_dict(),
+                "controller": ctrl,
+                "dependent_turns": {
+                    "n": len(dep),
+                    "escalated": float(esc[dep].mean()) if dep else None,
+                    "student_accuracy": (
+                        sum(test[i].student_correct for i in dep) / len(dep) if dep else None
+                    ),
+                },
+                "goals": goals,
+            }
+            reports.append(rep)
+            rows_out.append(
+                [
+                    variant,
+                    policy,
+                    _num(router.threshold),
+                    _pct(at["teacher_rate"]),
+                    _pct(at["quality"]),
+                    _pct(rep.student_quality),
+                    _pct(at["oos_recall"]),
+                    _num(rep.apgr),
+                    " / ".join(_pct(rep.cpt[k]) for k in ("50", "80", "95")),
+                    _num(rep.overhead_ms.get("p95_excluding_embedding")),
+                ]
+            )
+            ctrl_rows.append(
+                [
+                    variant,
+                    policy,
+                    _pct(at["teacher_rate"]),
+                    _pct(at["quality"]),
+                    _pct(ctrl["teacher_rate"]),
+                    _pct(ctrl["teacher_rate_settled"]),
+                    _pct(ctrl["quality"]),
+                    _pct(ctrl["oos_recall"]),
+                    _num(ctrl["final_threshold"]),
+                ]
+            )
+        png = plot_report(
+            reports,
+            args.results / f"{args.name}_{variant}.png",
+            labels=list(per_policy),
+            title=f"CLINC150 {variant}-turn (test + oos_test)",
+        )
+        results[variant] = {
+            "n_calibration": len(cal),
+            "n_test": len(test),
+            "n_test_out_of_scope": sum(e.out_of_scope for e in test),
+            "n_test_dependent": sum(bool(d) for d in dependent),
+            "png": str(png),
+            "policies": per_policy,
+        }
+
+    out = {
+        "benchmark": "CLINC150 routing: calibrate on val+oos_val, evaluate on test+oos_test",
+        "data": "CLINC150 data_full (Larson et al., EMNLP 2019), CC BY 3.0",
+        "teacher": "gold intent names stand in for the teacher ('oos' for out-of-scope)",
+        "metrics": "APGR and CPT as defined by RouteLLM (Ong et al., 2024)",
+        "command": "python bench/router_clinc.py "
+        + " ".join(sys.argv[1:] if argv is None else argv),
+        **about,
+        "target_teacher_rate": target,
+        "machine": machine(),
+        "wall_seconds": time.perf_counter() - t_start,
+        "variants": results,
+    }
+    args.results.mkdir(parents=True, exist_ok=True)
+    path = args.results / f"{args.name}.json"
+    path.write_text(json.dumps(out, indent=2, default=str))
+    print(
+        table(
+            [
+                "variant",
+                "policy",
+                "threshold",
+                "teacher",
+                "accuracy",
+                "student only",
+                "oos recall",
+                "APGR",
+                "CPT 50/80/95",
+                "p95 ms excl. emb.",
+            ],
+            rows_out,
+        )
+    )
+    print(
+        table(
+            [
+                "variant",
+                "policy",
+                "teacher (fixed)",
+                "accuracy (fixed)",
+                "teacher (steered)",
+                f"teacher after {2 * args.controller_window}",
+                "accuracy (steered)",
+                "oos recall (steered)",
+                "final threshold",
+            ],
+            ctrl_rows,
+        )
+    )
+    print(f"wrote {path}")
+    return 0
+
+
+def collect_variants(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run the student and every signal on the calibration and test splits of each variant."""
+    from langchain_understudy.router import ChatUnderstudy, Router
+    from langchain_understudy.students import ChatStudent, StudentRegistry
+
     data = json.loads((require_data("clinc150") / "data_full.json").read_text())
     rng = random.Random(args.seed)
     splits = _splits(data, args.limit, rng)
@@ -252,115 +515,22 @@ def main(argv: list[str] | None = None) -> int:
         variants["multi"] = lambda rows: multi_items(
             rows, args.system, mrng, args.dependent_fraction
         )
-
-    results: dict[str, Any] = {}
-    rows_out = []
+    collected: dict[str, Any] = {}
     for variant, make in variants.items():
         cal_items, test_items = make(splits["cal"]), make(splits["test"])
-        cal = collect(llm, cal_items, args.workers, f"{variant}: calibration")
-        test = collect(llm, test_items, args.workers, f"{variant}: test")
-        reports, per_policy = [], {}
-        for policy, router in (
-            ("calibrated", Router().fit(cal)),
-            ("learned", LearnedRouter().fit(cal)),
-        ):
-            router.calibrate(cal, target_teacher_rate=args.target_teacher_rate, mode="auto")
-            rep = evaluate_router(router, test, mode="auto")
-            scores = router.scores(test, "auto")
-            esc = scores >= router.threshold
-            dep = [i for i, it in enumerate(test_items) if it.dependent]
-            at = rep.at_threshold
-            goals = {
-                "accuracy>=0.985": (at["quality"] or 0) >= 0.985,
-                "teacher_calls<=0.20": (at["teacher_rate"] or 1) <= 0.20,
-                "oos_recall>=0.90": (at["oos_recall"] or 0) >= 0.90,
-                "cpt80<=0.15": rep.cpt["80"] is not None and rep.cpt["80"] <= 0.15,
-                "apgr>=0.85": rep.apgr is not None and rep.apgr >= 0.85,
-                "overhead_p95_excl_embedding<5ms": (
-                    rep.overhead_ms.get("p95_excluding_embedding") or 1e9
-                )
-                < 5.0,
-            }
-            per_policy[policy] = {
-                **rep.to_dict(),
-                "policy": router.to_dict(),
-                "dependent_turns": {
-                    "n": len(dep),
-                    "escalated": float(esc[dep].mean()) if dep else None,
-                    "student_accuracy": (
-                        sum(test[i].student_correct for i in dep) / len(dep) if dep else None
-                    ),
-                },
-                "goals": goals,
-            }
-            reports.append(rep)
-            rows_out.append(
-                [
-                    variant,
-                    policy,
-                    _num(router.threshold),
-                    _pct(at["teacher_rate"]),
-                    _pct(at["quality"]),
-                    _pct(rep.student_quality),
-                    _pct(at["oos_recall"]),
-                    _num(rep.apgr),
-                    " / ".join(_pct(rep.cpt[k]) for k in ("50", "80", "95")),
-                    _num(rep.overhead_ms.get("p95_excluding_embedding")),
-                ]
-            )
-        png = plot_report(
-            reports,
-            args.results / f"{args.name}_{variant}.png",
-            labels=list(per_policy),
-            title=f"CLINC150 {variant}-turn (test + oos_test)",
-        )
-        results[variant] = {
-            "n_calibration": len(cal),
-            "n_test": len(test),
-            "n_test_out_of_scope": sum(i.out_of_scope for i in test_items),
-            "n_test_dependent": sum(i.dependent for i in test_items),
-            "png": str(png),
-            "policies": per_policy,
+        collected[variant] = {
+            "cal": collect(llm, cal_items, args.workers, f"{variant}: calibration"),
+            "test": collect(llm, test_items, args.workers, f"{variant}: test"),
+            "test_dependent": [i.dependent for i in test_items],
         }
-
-    out = {
-        "benchmark": "CLINC150 routing: calibrate on val+oos_val, evaluate on test+oos_test",
-        "data": "CLINC150 data_full (Larson et al., EMNLP 2019), CC BY 3.0",
-        "teacher": "gold intent names stand in for the teacher ('oos' for out-of-scope)",
-        "metrics": "APGR and CPT as defined by RouteLLM (Ong et al., 2024)",
-        "command": "python bench/router_clinc.py "
-        + " ".join(sys.argv[1:] if argv is None else argv),
+    about = {
         "student": student_label,
         "knowledge": str(args.knowledge) if args.knowledge else None,
         "ood_index": ood_source,
-        "target_teacher_rate": args.target_teacher_rate,
         "limit": args.limit,
-        "machine": machine(),
-        "wall_seconds": time.perf_counter() - t_start,
-        "variants": results,
+        "seed": args.seed,
     }
-    args.results.mkdir(parents=True, exist_ok=True)
-    path = args.results / f"{args.name}.json"
-    path.write_text(json.dumps(out, indent=2, default=str))
-    print(
-        table(
-            [
-                "variant",
-                "policy",
-                "threshold",
-                "teacher",
-                "accuracy",
-                "student only",
-                "oos recall",
-                "APGR",
-                "CPT 50/80/95",
-                "p95 ms excl. emb.",
-            ],
-            rows_out,
-        )
-    )
-    print(f"wrote {path}")
-    return 0
+    return collected, about
 
 
 if __name__ == "__main__":
