@@ -10,17 +10,27 @@ from typing import Any
 
 from langchain_understudy.errors import ArtifactError, ConfigError
 
-__all__ = ["diagnose_gguf", "llama_quantize", "load_llama"]
+__all__ = ["diagnose_gguf", "gguf_problem", "llama_quantize", "load_llama"]
 
 
-def diagnose_gguf(path: Path) -> str:
-    """Explain why a file is not a loadable GGUF: missing, foreign, truncated or unsupported."""
+def gguf_problem(path: Path) -> str | None:
+    """Say why a file is not a sound GGUF, or return ``None`` when its structure checks out.
+
+    Checks, without llama.cpp: the file exists and is a file, starts with the GGUF magic, its
+    header parses, every tensor's data lies inside the file, and the vocabulary (when present)
+    has as many token types and scores as tokens and no token twice. llama.cpp aborts the whole
+    process on some of these (a duplicated token trips an assertion in its vocabulary loader),
+    so a caller can run this first and raise a clear error instead.
+    """
     if not path.exists():
         return f"{path} does not exist; check the path or run `understudy students list`"
     if path.is_dir():
         return f"{path} is a folder; pass the .gguf file inside it"
-    with open(path, "rb") as f:
-        magic = f.read(4)
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as e:
+        return f"{path} cannot be read ({e.strerror or e}); check its permissions"
     if magic != b"GGUF":
         return (
             f"{path} is not a GGUF file (starts with {magic!r}); export a Hugging Face checkpoint "
@@ -30,14 +40,49 @@ def diagnose_gguf(path: Path) -> str:
 
     try:
         reader = gguf.GGUFReader(str(path))
-    except Exception as e:  # gguf raises several types on short reads
+        size = path.stat().st_size
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+        field = reader.fields.get("tokenizer.ggml.tokens")
+        tokens = [bytes(field.parts[i]) for i in field.data] if field is not None else []
+        counts = {
+            key: len(per_token.data)
+            for key in ("tokenizer.ggml.token_type", "tokenizer.ggml.scores")
+            if (per_token := reader.fields.get(key)) is not None
+        }
+    except Exception as e:  # noqa: BLE001 - gguf raises many types on short or garbled files
         return f"{path} is truncated or corrupt ({type(e).__name__}: {e}); re-export or re-copy it"
-    field = reader.fields.get("general.architecture")
-    arch = bytes(field.parts[field.data[0]]).decode() if field else "unknown"
-    size = path.stat().st_size
-    end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
     if end > size:
         return f"{path} is truncated ({size} bytes, needs {end}); re-export or re-copy it"
+    for key, n in counts.items():
+        if n != len(tokens):
+            return (
+                f"{path} is corrupt: {key} has {n} entries for {len(tokens)} tokens; re-export or "
+                "re-copy it"
+            )
+    seen: set[bytes] = set()
+    for token in tokens:
+        if token in seen:
+            return (
+                f"{path} is corrupt: the vocabulary holds the token {token!r} twice (a damaged "
+                "copy?); re-export or re-copy it"
+            )
+        seen.add(token)
+    return None
+
+
+def diagnose_gguf(path: Path) -> str:
+    """Explain why a file is not a loadable GGUF: missing, foreign, truncated or unsupported."""
+    problem = gguf_problem(path)
+    if problem is not None:
+        return problem
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    field = reader.fields.get("general.architecture")
+    try:
+        arch = bytes(field.parts[field.data[0]]).decode() if field else "unknown"
+    except (IndexError, UnicodeDecodeError):
+        arch = "unreadable"
     return (
         f"llama.cpp could not load {path} (architecture {arch!r}); this llama-cpp-python build may "
         "not support that architecture: upgrade llama-cpp-python or export a llama/qwen2 student"
