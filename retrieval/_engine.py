@@ -87,6 +87,7 @@ _FANOUT = 8  # segments of one size tier merged together
 _FLAT_BELOW = 512  # segments smaller than this are exact (flat) whatever the store's kind
 _INLINE_MERGE_MAX = 16_384  # larger merges wait for compact()
 _TAIL_ID = 0  # segment id of the tail
+_UNLINK_IN_BACKGROUND = 256 * 1024 * 1024  # bytes of replaced files removed off the write path
 _RETIRED_LOG = 10_000  # revisions of the retired log kept for readers catching up
 _SEGMENT_GLOB = "seg-*.faiss"
 _LEGACY_GLOB = "index-*.faiss"
@@ -1348,12 +1349,15 @@ class FactEngine:
 
         Runs under the write lock: segment files are only ever written under it, so no other
         writer is between writing a file and listing it. A reader that has not loaded a removed
-        file yet reads the segment list again. The merged files go in a background thread
-        (removing a large file takes milliseconds); a file that outlives a killed process is
-        removed by the next write's check.
+        file yet reads the segment list again. Large merged files go in a background thread
+        (freeing a gigabyte file takes a while); one that outlives a killed process is removed
+        by the next write's check.
         """
-        if merged:
+        sizes = [path.stat().st_size if path.exists() else 0 for path in merged]
+        if sum(sizes) > _UNLINK_IN_BACKGROUND:
             threading.Thread(target=_unlink_all, args=(list(merged),), daemon=True).start()
+        else:
+            _unlink_all(merged)
         listed = {r[0] for r in self._con.execute("SELECT file FROM segments")}
         for pattern in (_SEGMENT_GLOB, _LEGACY_GLOB, ".*.tmp"):
             for path in self.path.glob(pattern):
