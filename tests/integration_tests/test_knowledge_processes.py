@@ -70,6 +70,26 @@ def test_kill_at_each_stage_of_a_write(tmp_path: Path, stage: str, survives: boo
     assert {p.name for p in path.glob("seg-*.faiss")} == listed
 
 
+@pytest.mark.parametrize(("stage", "survives"), [("before-commit", False), ("after-commit", True)])
+def test_kill_during_a_small_write_to_the_tail(tmp_path: Path, stage: str, survives: bool) -> None:
+    path = tmp_path / "kb"
+    before = _base_store(path)
+    proc = _child(["big_write", str(path), "20", stage])  # 70 vectors: SQLite only, no file
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL, err
+    store = KnowledgeStore(path, HashEmbeddings())
+    after = snapshot(store, _QUERIES)
+    assert not list(path.glob("seg-*.faiss"))
+    if survives:
+        assert after["facts"] == before["facts"] + 20 and after["versions"] == 271
+        assert [d.id for d in store.similarity_search("new fact 19", k=1)] == ["new-19"]
+        assert after["past"] == before["past"]
+    else:
+        assert after == before
+    store.add_texts(["after the crash"], ids=["later"])
+    assert store.similarity_search("after the crash", k=1)[0].id == "later"
+
+
 def test_kill_at_random_moments_leaves_old_or_new_state(tmp_path: Path) -> None:
     path = tmp_path / "kb"
     before = _base_store(path)
