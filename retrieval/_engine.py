@@ -676,6 +676,9 @@ class FactEngine:
                     )
                 if full and self._revision is None and (segments or tail_rows[0].size):
                     self._check_totals(segments, tail_rows[0].size)
+                has_vectors = bool(listed) or bool(
+                    self._con.execute("SELECT EXISTS (SELECT 1 FROM tail)").fetchone()[0]
+                )
             except FileNotFoundError as e:
                 # Either a merge removed the file between our reads (read again), or the
                 # file is gone (the same one is missing twice).
@@ -696,7 +699,7 @@ class FactEngine:
             self.kind = meta["index_kind"]  # type: ignore[assignment]
             tail = self._updated_tail(tail, tail_rows, meta)
             self._segments = segments + ([tail] if tail is not None else [])
-            self._has_segments = bool(listed) or tail is not None
+            self._has_segments = has_vectors
             self._current = current
             self._n_current = int(np.count_nonzero(current))
             self._state += 1

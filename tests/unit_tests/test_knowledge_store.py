@@ -577,3 +577,14 @@ def test_a_reader_far_behind_reloads_what_the_log_no_longer_holds(
     assert sorted(d.id or "" for d in reader.similarity_search("fact 1", k=10)) == ["k8", "k9"]
     writer.delete(["k8"])  # caught up: the next change comes from the log
     assert [d.id for d in reader.similarity_search("fact 1", k=10)] == ["k9"]
+
+
+def test_a_store_opened_without_its_index_refuses_searches(
+    tmp_path: Path, emb: CountingEmbeddings
+) -> None:
+    KnowledgeStore(tmp_path / "kb", emb).add_texts(["only in the tail"], ids=["t"])
+    bare = KnowledgeStore(tmp_path / "kb", emb, load_index=False)
+    with pytest.raises(KnowledgeStoreError, match="load_index=False; call rebuild"):
+        bare.similarity_search("only in the tail")
+    assert bare.rebuild() == 1
+    assert bare.similarity_search("only in the tail", k=1)[0].id == "t"
