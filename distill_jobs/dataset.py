@@ -9,9 +9,16 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
+from langchain_core.messages import AIMessage, BaseMessage
 
-from langchain_understudy.prompting import Fact, message_text, render_answer, render_prompt
+from langchain_understudy.prompting import (
+    Exemplar,
+    Fact,
+    last_user_text,
+    message_text,
+    render_answer,
+    render_prompt,
+)
 
 __all__ = [
     "Example",
@@ -37,6 +44,8 @@ class Example:
         messages: The conversation the teacher answered.
         answer: The teacher's answer text.
         facts: Facts retrieved for it (empty without a knowledge store).
+        exemplars: Past teacher answers to similar requests; ``None``: not looked up (a
+            student with an exemplar memory looks them up itself when it answers).
         prompt: The rendered prompt, exactly as the student sees it when serving.
         target: The rendered answer the student is trained to produce.
         metadata: The trace's metadata.
@@ -51,20 +60,20 @@ class Example:
     target: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
     created_at: datetime | None = None
+    exemplars: list[Exemplar] | None = None
+
+    def render(self, system: str | None = None) -> None:
+        """Build :attr:`prompt` and :attr:`target` with the one prompt format serving uses."""
+        self.prompt = render_prompt(
+            self.messages, self.facts, system=system, exemplars=self.exemplars
+        )
+        self.target = render_answer(self.answer)
 
 
 def conversation_key(messages: Sequence[BaseMessage]) -> str:
     """Return a stable hash of a conversation's roles and texts."""
     payload = json.dumps([[m.type, message_text(m)] for m in messages], ensure_ascii=False)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:24]
-
-
-def last_user_text(messages: Sequence[BaseMessage]) -> str:
-    """Return the text of the last user turn (what retrieval and OOD signals look at)."""
-    for m in reversed(messages):
-        if isinstance(m, HumanMessage):
-            return message_text(m)
-    return message_text(messages[-1]) if messages else ""
 
 
 def build_examples(
@@ -116,8 +125,7 @@ def build_examples(
         for ex, fs in zip(examples, found, strict=True):
             ex.facts = fs
     for ex in examples:
-        ex.prompt = render_prompt(ex.messages, ex.facts, system=system)
-        ex.target = render_answer(ex.answer)
+        ex.render(system)
     return examples, dropped
 
 

@@ -120,7 +120,7 @@ def evaluate_student(
     """Run a student on every example and compare with the teacher's answer.
 
     ``student`` is a :class:`~langchain_understudy.students.ChatStudent`; each example's retrieved
-    facts are passed with it, as at serving time.
+    facts and exemplars are passed with it, as at serving time.
     """
     rows: list[dict[str, Any]] = []
     kwargs: dict[str, Any] = {"json_schema": json_schema} if json_schema else {}
@@ -128,7 +128,8 @@ def evaluate_student(
         t0 = time.perf_counter()
         error = None
         try:
-            msg = student.invoke(ex.messages, facts=ex.facts, **kwargs)
+            shown = {"exemplars": ex.exemplars} if ex.exemplars is not None else {}
+            msg = student.invoke(ex.messages, facts=ex.facts, **shown, **kwargs)
             pred, confidence = str(msg.content).strip(), msg.response_metadata.get("confidence")
         except StudentError as e:  # e.g. a prompt longer than the context: a miss, not a crash
             pred, confidence, error = "", None, str(e)

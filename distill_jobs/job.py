@@ -23,12 +23,17 @@ from langchain_understudy.distill_jobs.dataset import (
     Example,
     FactLookup,
     build_examples,
-    last_user_text,
     split_examples,
 )
 from langchain_understudy.distill_jobs.scratch import ScratchSize
 from langchain_understudy.errors import ConfigError, UnderstudyError
-from langchain_understudy.prompting import Fact, select_facts
+from langchain_understudy.prompting import Fact, last_user_text, select_facts
+from langchain_understudy.students.answer_space import (
+    ANSWER_SPACE_FILE,
+    AnswerSpace,
+    infer_answer_space,
+)
+from langchain_understudy.students.exemplars import EXEMPLAR_FILES
 
 __all__ = ["DistillConfig", "DistillJob", "JobLockedError", "JobResult", "RelabelSection"]
 
@@ -65,12 +70,19 @@ class LoraSection(_Section):
 
 
 class StudentSection(_Section):
-    """The student to train: from scratch (default) or from a local checkpoint."""
+    """The student to train: from scratch (default), from a pretrained base or a local checkpoint."""
 
+    base: str | None = None
+    """A pretrained base to fine-tune: ``"smollm2-135m-instruct"`` (bundled, offline) or the path
+    of any llama-family ``.gguf`` (dequantized once, cached by its sha256); ``None``: from scratch
+    (or ``base_checkpoint``)."""
     base_checkpoint: Path | None = None
     """A local Hugging Face checkpoint of the llama family to fine-tune; ``None``: from scratch."""
     lora: LoraSection | None = None
-    """Train LoRA adapters on ``base_checkpoint`` instead of every weight; merged before export."""
+    """Train LoRA adapters on the base instead of every weight; merged before export."""
+    train_layers: int | None = Field(default=None, ge=1)
+    """With a base: train only the top N transformer blocks and the final norm (embeddings and
+    lower blocks frozen; backward stops there, so steps are cheaper); ``None``: every weight."""
     hidden: int = Field(default=256, ge=32, le=8192)
     """From scratch: embedding width (a multiple of 256 lets k-quants apply to every tensor)."""
     layers: int = Field(default=4, ge=1, le=64)
@@ -88,13 +100,23 @@ class StudentSection(_Section):
 
     @model_validator(mode="after")
     def _lora_needs_a_base(self) -> StudentSection:
-        if self.lora is not None and self.base_checkpoint is None:
-            msg = (
-                "student.lora needs student.base_checkpoint: LoRA adapts an existing model, a "
-                "from-scratch student trains every weight"
-            )
+        if self.base is not None and self.base_checkpoint is not None:
+            msg = "set student.base or student.base_checkpoint, not both"
             raise ValueError(msg)
+        pretrained = self.base is not None or self.base_checkpoint is not None
+        for name, value in (("lora", self.lora), ("train_layers", self.train_layers)):
+            if value is not None and not pretrained:
+                msg = (
+                    f"student.{name} needs student.base (or base_checkpoint): it adapts an "
+                    "existing model, a from-scratch student trains every weight"
+                )
+                raise ValueError(msg)
         return self
+
+    @property
+    def pretrained(self) -> bool:
+        """Whether the student starts from a pretrained base."""
+        return self.base is not None or self.base_checkpoint is not None
 
 
 class TrainingSection(_Section):
@@ -106,8 +128,9 @@ class TrainingSection(_Section):
     """Hard step limit (-1: from epochs)."""
     max_minutes: float | None = Field(default=None, gt=0)
     """Time budget; the learning-rate schedule anneals within it."""
-    learning_rate: float = Field(default=1e-3, gt=0, le=1.0)
-    """Peak learning rate."""
+    learning_rate: float | None = Field(default=None, gt=0, le=1.0)
+    """Peak learning rate; ``None``: 1e-3 from scratch or with LoRA, 1e-4 when every weight
+    of a pretrained base (or its top ``train_layers``) is trained."""
     batch_size: int = Field(default=32, ge=1, le=4096)
     """Examples per step (per device)."""
     save_every: int = Field(default=200, ge=1)
@@ -116,6 +139,9 @@ class TrainingSection(_Section):
     """Seed for initialisation and data order."""
     threads: int | None = Field(default=None, ge=1)
     """CPU threads for training (torch) and evaluation (llama.cpp); ``None``: all cores."""
+    group_by_length: bool = False
+    """Batch examples of similar length together (less padding per step; the order stays
+    random between groups)."""
 
 
 class PackageSection(_Section):
@@ -127,6 +153,11 @@ class PackageSection(_Section):
     """Types built; each is evaluated."""
     serve: QuantType = "Q8_0"
     """The type registered and served (must be in ``quant_types`` or be the export dtype)."""
+    answer_schema: str = "infer"
+    """The shape the student answers in, applied as a grammar when serving: ``"infer"`` derives
+    it from the training answers (a closed label set, a JSON schema, or free text),
+    ``"off"`` never constrains, or the path of a JSON schema file. The top-level
+    ``json_schema`` overrides it."""
 
 
 class GateSection(_Section):
@@ -140,6 +171,22 @@ class GateSection(_Section):
     """Ceiling on the candidate's p95 latency per answer."""
     promote: bool = True
     """Promote when the gate passes (``False``: register only)."""
+
+
+class ExemplarSection(_Section):
+    """Exemplar memory: the job indexes its own training traces (request → teacher answer).
+
+    Each training prompt shows the ``k`` most similar past answers (distinct ones, never the
+    example's own); the index is registered with the student and serving retrieves from it the
+    same way. Exemplars are how the teacher answered before; ``[knowledge]`` facts are how the
+    world is now.
+    """
+
+    k: int = Field(default=4, ge=1, le=64)
+    """Past answers shown per prompt."""
+    distinct_by: Literal["answer"] | None = "answer"
+    """``"answer"``: ``k`` different answers (the most similar request for each);
+    ``None``: the ``k`` most similar requests, repeats allowed."""
 
 
 class RelabelSection(_Section):
@@ -190,6 +237,8 @@ class DistillConfig(_Section):
     """Drop traces carrying any of these tags."""
     knowledge: KnowledgeSection = Field(default_factory=KnowledgeSection)
     """Facts for prompts."""
+    exemplars: ExemplarSection | None = None
+    """Exemplar memory over the training traces (``None``: off)."""
     student: StudentSection = Field(default_factory=StudentSection)
     """Student shape or base checkpoint."""
     training: TrainingSection = Field(default_factory=TrainingSection)
@@ -227,6 +276,12 @@ class DistillConfig(_Section):
         ):
             if data.get(section, {}).get(key):
                 data[section][key] = str(base / Path(data[section][key]).expanduser())
+        schema_file = data.get("package", {}).get("answer_schema")
+        if isinstance(schema_file, str) and schema_file not in ("infer", "off"):
+            data["package"]["answer_schema"] = str(base / Path(schema_file).expanduser())
+        student_base = data.get("student", {}).get("base")
+        if isinstance(student_base, str) and student_base.endswith(".gguf"):
+            data["student"]["base"] = str(base / Path(student_base).expanduser())
         try:
             return cls.model_validate(data)
         except ValidationError as e:
@@ -297,6 +352,7 @@ class DistillJob:
         self.teacher = teacher
         self.progress = progress
         self.work_dir = Path(config.work_dir)
+        self._train_vectors: Any = None
 
     # -- state ----------------------------------------------------------------------------------
     def _lock(self) -> FileLock:
@@ -416,9 +472,50 @@ class DistillJob:
                 f"(dropped: {dropped}); record more traces or lower min_examples"
             )
             raise ConfigError(msg)
+        self._train_vectors = self._embed_queries(train)
+        if self.config.exemplars is not None:
+            self._attach_exemplars(run_dir, train, held)
         _write_examples(run_dir / "train.jsonl", train)
         _write_examples(run_dir / "heldout.jsonl", held)
         return train, held, dropped
+
+    def _embed_queries(self, examples: Sequence[Example]) -> Any:
+        """Unit vectors of each example's last user turn (exemplar memory and OOD index)."""
+        import numpy as np
+
+        from langchain_understudy.retrieval.embeddings import default_embeddings
+
+        emb = self.embeddings or default_embeddings()
+        self.embeddings = emb
+        vecs = np.asarray(
+            emb.embed_documents([last_user_text(ex.messages) for ex in examples]), dtype=np.float32
+        )
+        return vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
+
+    def _attach_exemplars(
+        self, run_dir: Path, train: Sequence[Example], held: Sequence[Example]
+    ) -> None:
+        """Index the training traces and show each prompt its k most similar past answers."""
+        from langchain_understudy.students.exemplars import ExemplarMemory
+
+        cfg = self.config.exemplars
+        assert cfg is not None
+        memory = ExemplarMemory.build(
+            [last_user_text(ex.messages) for ex in train],
+            [ex.answer for ex in train],
+            [ex.key for ex in train],
+            self._train_vectors,
+        )
+        distinct = cfg.distinct_by == "answer"
+        found = memory.search(
+            self._train_vectors, k=cfg.k, distinct=distinct, exclude_keys=[ex.key for ex in train]
+        )
+        if held:
+            found += memory.search(self._embed_queries(held), k=cfg.k, distinct=distinct)
+        for ex, exemplars in zip([*train, *held], found, strict=True):
+            ex.exemplars = exemplars
+            ex.render(self.config.system)
+        memory.save(run_dir)
 
     def _train_settings(self) -> Any:
         from langchain_understudy.distill_jobs.training import LoraSettings, TrainSettings
@@ -428,14 +525,16 @@ class DistillJob:
             epochs=t.epochs,
             max_steps=t.max_steps,
             max_minutes=t.max_minutes,
-            learning_rate=t.learning_rate,
+            learning_rate=t.learning_rate or (1e-4 if s.pretrained and s.lora is None else 1e-3),
             batch_size=t.batch_size,
             save_every=t.save_every,
             seed=t.seed,
             threads=t.threads,
             vocab_size=s.vocab_size,
             size=ScratchSize(s.hidden, s.layers, s.heads, s.kv_heads, s.ffn, s.context),
-            base_checkpoint=str(s.base_checkpoint) if s.base_checkpoint else None,
+            base_checkpoint=self._base_checkpoint(),
+            train_layers=s.train_layers,
+            group_by_length=t.group_by_length,
             lora=LoraSettings(**s.lora.model_dump()) if s.lora is not None else None,
         )
 
@@ -513,6 +612,8 @@ class DistillJob:
         (run_dir / "config.json").write_text(self.config.model_dump_json(indent=2))
 
         train, held, dropped = self._dataset(run_dir, traces)
+        space = self._answer_space(train)
+        space.save(run_dir / ANSWER_SPACE_FILE)
         timings["dataset"] = time.perf_counter() - t0
 
         from langchain_understudy.distill_jobs.training import TrainResult, plot_loss, train_student
@@ -521,7 +622,13 @@ class DistillJob:
         if "train" in state["done"] and (run_dir / "train" / "final").exists():
             result = TrainResult.load(run_dir / "train")  # resumed after training had finished
         else:
-            result = train_student(train, run_dir / "train", self._train_settings(), resume=resume)
+            result = train_student(
+                train,
+                run_dir / "train",
+                self._train_settings(),
+                resume=resume,
+                progress_bar=self.progress,
+            )
         plot_loss(
             result.losses, run_dir / "loss.png", title=f"{self.config.name}: distillation loss"
         )
@@ -558,19 +665,9 @@ class DistillJob:
 
         reports: dict[str, Any] = {}
         for qname, path in files.items():
-            student = ChatStudent(
-                model_path=path,
-                n_ctx=self._n_ctx(),
-                n_threads=self.config.training.threads,
-                max_tokens=self._max_answer_tokens(held),
-                system_prompt=self.config.system,
-            )
+            student = ChatStudent(model_path=path, answer_space=space, **self._eval_options(held))
             reports[qname] = evaluate_student(
-                student,
-                held,
-                json_schema=self.config.json_schema,
-                progress=self.progress,
-                desc=f"evaluate {qname}",
+                student, held, progress=self.progress, desc=f"evaluate {qname}"
             )
         candidate = reports[serve_key]
         _write_rows(run_dir / "heldout_eval.jsonl", candidate.rows)
@@ -579,17 +676,14 @@ class DistillJob:
         serving_report = None
         if serving is not None:
             try:
-                serving_student = ChatStudent(
-                    model_path=serving.path,
-                    n_ctx=self._n_ctx(),
-                    n_threads=self.config.training.threads,
-                    max_tokens=self._max_answer_tokens(held),
-                    system_prompt=self.config.system,
+                # held-out examples carry their exemplars; the serving student answers in its
+                # own registered answer space
+                serving_student = ChatStudent.from_version(
+                    serving, exemplars=None, **self._eval_options(held)
                 )
                 serving_report = evaluate_student(
                     serving_student,
                     held,
-                    json_schema=self.config.json_schema,
                     progress=self.progress,
                     desc=f"evaluate serving {serving.version}",
                 )
@@ -612,6 +706,7 @@ class DistillJob:
             "n_trainable": result.n_trainable,
             "dropped": dropped,
             "relabel": relabelled,
+            "answer_space": {"kind": space.kind, "n_labels": len(space.labels), **space.stats},
             "gate": {"passed": passed, "reason": reason},
         }
         provenance = {
@@ -634,9 +729,16 @@ class DistillJob:
                 if self.config.knowledge.path is not None
                 else None
             ),
+            "exemplars": (
+                {**self.config.exemplars.model_dump(), "n": len(train)}
+                if self.config.exemplars is not None
+                else None
+            ),
+            "base": self.config.student.base,
         }
         report = {
             "metrics": metrics,
+            "answer_space": space.to_dict(),
             "provenance": provenance,
             "serving": serving_report.summary() if serving_report else None,
             "timings_s": timings,
@@ -647,6 +749,12 @@ class DistillJob:
             provenance,
             metrics,
             extra_files={
+                **(
+                    {name: run_dir / name for name in EXEMPLAR_FILES}
+                    if self.config.exemplars is not None
+                    else {}
+                ),
+                ANSWER_SPACE_FILE: run_dir / ANSWER_SPACE_FILE,
                 "ood_index.npy": ood,
                 "loss.png": run_dir / "loss.png",
                 "report.json": run_dir / "report.json",
@@ -666,8 +774,43 @@ class DistillJob:
         shutil.rmtree(run_dir / "train" / "checkpoints", ignore_errors=True)
         return JobResult(status, reason, run_dir, version, metrics, report["serving"], timings)
 
+    def _eval_options(self, held: Sequence[Example]) -> dict[str, Any]:
+        """``ChatStudent`` options for evaluating on the held-out set, as it will be served."""
+        return {
+            "n_ctx": self._n_ctx(),
+            "n_threads": self.config.training.threads,
+            "max_tokens": self._max_answer_tokens(held),
+            "system_prompt": self.config.system,
+            "json_schema": self.config.json_schema,
+        }
+
+    def _answer_space(self, train: Sequence[Example]) -> AnswerSpace:
+        """The answer space registered with the student (``[package] answer_schema``)."""
+        setting = self.config.package.answer_schema
+        if self.config.json_schema is not None:
+            return AnswerSpace("json", schema=self.config.json_schema, stats={"source": "job"})
+        if setting == "off":
+            return AnswerSpace("free", stats={"source": "off"})
+        if setting == "infer":
+            return infer_answer_space([ex.answer for ex in train])
+        try:
+            schema = json.loads(Path(setting).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            msg = f"package.answer_schema {setting} is not a readable JSON schema file: {e}"
+            raise ConfigError(msg) from e
+        return AnswerSpace("json", schema=schema, stats={"source": setting})
+
+    def _base_checkpoint(self) -> str | None:
+        """The checkpoint folder to fine-tune (a GGUF base is dequantized once and cached)."""
+        s = self.config.student
+        if s.base is not None:
+            from langchain_understudy.distill_jobs.bases import resolve_base
+
+            return str(resolve_base(s.base))
+        return str(s.base_checkpoint) if s.base_checkpoint else None
+
     def _n_ctx(self) -> int:
-        return self.config.student.context if self.config.student.base_checkpoint is None else 2048
+        return 2048 if self.config.student.pretrained else self.config.student.context
 
     @staticmethod
     def _max_answer_tokens(held: Sequence[Example]) -> int:
@@ -695,11 +838,9 @@ class DistillJob:
     def _ood_index(self, run_dir: Path, train: Sequence[Example]) -> Path:
         import numpy as np
 
-        from langchain_understudy.retrieval.embeddings import default_embeddings
-
-        texts = [last_user_text(ex.messages) for ex in train]
-        emb = self.embeddings or default_embeddings()
-        vecs = np.asarray(emb.embed_documents(texts), dtype=np.float32)
+        vecs = self._train_vectors
+        if vecs is None or len(vecs) != len(train):
+            vecs = self._embed_queries(train)
         out = run_dir / "ood_index.npy"
         np.save(out, vecs, allow_pickle=False)
         return out

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -22,10 +24,12 @@ from langchain_understudy.distill_jobs.scratch import (
     init_student,
 )
 from langchain_understudy.errors import ConfigError
+from langchain_understudy.prompting import END
 
 __all__ = [
     "IGNORE_INDEX",
     "LoraSettings",
+    "distillation_loss",
     "TrainResult",
     "TrainSettings",
     "encode_example",
@@ -66,6 +70,8 @@ class TrainSettings:
     base_checkpoint: str | None = None
     threads: int | None = None
     lora: LoraSettings | None = None
+    train_layers: int | None = None
+    group_by_length: bool = False
 
 
 @dataclass
@@ -103,7 +109,16 @@ def encode_example(tokenizer: Any, example: Example, max_len: int) -> dict[str, 
     Returns ``None`` when the example does not fit in ``max_len`` tokens.
     """
     prompt = tokenizer(example.prompt, add_special_tokens=False)["input_ids"]
-    target = tokenizer(example.target, add_special_tokens=False)["input_ids"]
+    text, eos = example.target, []
+    if (
+        text.endswith(END)
+        and END not in tokenizer.get_vocab()
+        and tokenizer.eos_token_id is not None
+    ):
+        # a pretrained base has no <|end|> token: end on its own end-of-sequence token instead,
+        # so llama.cpp stops natively (one token, not the five the marker splits into)
+        text, eos = text[: -len(END)], [tokenizer.eos_token_id]
+    target = [*tokenizer(text, add_special_tokens=False)["input_ids"], *eos]
     bos = [tokenizer.bos_token_id] if getattr(tokenizer, "add_bos_token", False) else []
     ids = [*bos, *prompt, *target]
     if len(ids) > max_len:
@@ -128,6 +143,49 @@ def pad_batch(features: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+def distillation_loss(model: Any, batch: dict[str, Any]) -> Any:
+    """Mean cross-entropy over the teacher's tokens, computing logits only where they count.
+
+    The prompt positions are masked out of the loss anyway; projecting them onto the vocabulary
+    (49k rows for a pretrained base) is most of the output layer's cost on long prompts with
+    short answers. Logits are computed from the first position that predicts a teacher token
+    to the end of the batch, which gives exactly the loss of ``model(**batch).loss``.
+    """
+    import torch
+
+    labels = batch["labels"]
+    targets = labels[:, 1:]
+    predicts = (targets != IGNORE_INDEX).any(dim=0).nonzero()
+    first = int(predicts[0]) if len(predicts) else 0
+    width = labels.shape[1]
+    keep = torch.arange(first, width - 1, device=labels.device)
+    out = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep
+    )
+    logits = out.logits.float()
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]),
+        targets[:, first:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+    )
+
+
+def _freeze_below(model: Any, train_layers: int) -> None:
+    """Train only the top ``train_layers`` blocks and the final norm of a llama-family model."""
+    core = model.get_decoder()
+    blocks = list(core.layers)
+    if train_layers > len(blocks):
+        msg = f"student.train_layers is {train_layers} but the base has {len(blocks)} blocks"
+        raise ConfigError(msg)
+    for p in model.parameters():
+        p.requires_grad = False
+    for block in blocks[len(blocks) - train_layers :]:
+        for p in block.parameters():
+            p.requires_grad = True
+    for p in core.norm.parameters():
+        p.requires_grad = True
+
+
 def _load_or_create(
     examples: Sequence[Example], out: Path, settings: TrainSettings
 ) -> tuple[Any, Any, int]:
@@ -142,7 +200,9 @@ def _load_or_create(
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
         model = AutoModelForCausalLM.from_pretrained(str(base))
-        max_len = int(getattr(model.config, "max_position_embeddings", 2048))
+        max_len = min(2048, int(getattr(model.config, "max_position_embeddings", 2048)))
+        if settings.train_layers is not None:
+            _freeze_below(model, settings.train_layers)
         if settings.lora is not None:
             model = _with_lora(model, settings.lora)
         return model, tok, max_len
@@ -181,6 +241,7 @@ def train_student(
     settings: TrainSettings,
     *,
     resume: bool = False,
+    progress_bar: bool = True,
 ) -> TrainResult:
     """Train a student on ``examples`` and save a Hugging Face checkpoint in ``out_dir/final``.
 
@@ -192,6 +253,7 @@ def train_student(
         out_dir: Run folder; checkpoints go to ``out_dir/checkpoints``.
         settings: Optimisation and model settings.
         resume: Continue from the newest checkpoint in ``out_dir/checkpoints``.
+        progress_bar: Show steps, examples per second and the time left in the budget.
     """
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -240,7 +302,55 @@ def train_student(
                 control.should_save = True
             return control
 
+    class _Progress(TrainerCallback):
+        """One bar: steps, examples per second, loss and the time left in the budget."""
+
+        def __init__(self) -> None:
+            self.bar: Any = None
+            self.loss: float | None = None
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if state.is_world_process_zero and progress_bar:
+                from tqdm import tqdm
+
+                # on a terminal the bar redraws; in a log file a line every 30 s is enough
+                every = 0.1 if sys.stderr.isatty() else 30.0
+                self.bar = tqdm(total=total, desc="train", unit="step", mininterval=every)
+                self.bar.update(state.global_step)
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+            if logs and "loss" in logs:
+                self.loss = float(logs["loss"])
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if self.bar is None:
+                return
+            elapsed = max(1e-9, time.monotonic() - start)
+            seen = state.global_step * settings.batch_size * max(1, args.world_size)
+            left = (total - state.global_step) * elapsed / max(1, state.global_step)
+            if budget_s:
+                left = min(left, max(0.0, budget_s - elapsed))
+            post = {"ex/s": f"{seen / elapsed:.1f}", "left": f"{left / 60:.1f}min"}
+            if self.loss is not None:
+                post["loss"] = f"{self.loss:.3f}"
+            self.bar.set_postfix(post, refresh=False)
+            self.bar.update(1)
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if self.bar is not None:
+                self.bar.close()
+
     class _Trainer(Trainer):
+        def compute_loss(
+            self,
+            model: Any,
+            inputs: Any,
+            return_outputs: bool = False,
+            num_items_in_batch: Any = None,
+        ) -> Any:
+            loss = distillation_loss(model, inputs)
+            return (loss, None) if return_outputs else loss
+
         def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
             opt: Any = optimizer or self.optimizer
 
@@ -267,14 +377,15 @@ def train_student(
         dataloader_num_workers=0,
         remove_unused_columns=False,
         use_cpu=not torch.cuda.is_available(),
-        disable_tqdm=False,
+        disable_tqdm=True,  # _Progress shows examples/s and the time left instead
+        train_sampling_strategy="group_by_length" if settings.group_by_length else "random",
     )
     trainer = _Trainer(
         model=model,
         args=args,
         train_dataset=data,
         data_collator=lambda feats: pad_batch(feats, pad_id),
-        callbacks=[_Budget()],
+        callbacks=[_Budget(), _Progress()],
     )
     n_params = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -283,6 +394,7 @@ def train_student(
     )
     trainer.train(resume_from_checkpoint=str(ckpts[-1]) if resume and ckpts else None)
     final = out / "final"
+    final.mkdir(parents=True, exist_ok=True)
     if settings.lora is not None:
         # adapters merged into the base weights: the export sees a plain llama checkpoint
         peft_model: Any = trainer.model
@@ -290,6 +402,13 @@ def train_student(
     else:
         trainer.save_model(str(final))
     tok.save_pretrained(str(final))
+    if settings.base_checkpoint:
+        # a GGUF base's own tokenizer metadata travels with the checkpoint to the export
+        from langchain_understudy.students.export import TOKENIZER_METADATA_FILE
+
+        meta = Path(settings.base_checkpoint) / TOKENIZER_METADATA_FILE
+        if meta.is_file():
+            shutil.copy2(meta, final / TOKENIZER_METADATA_FILE)
     losses = [(int(r["step"]), float(r["loss"])) for r in trainer.state.log_history if "loss" in r]
     result = TrainResult(
         checkpoint_dir=final,

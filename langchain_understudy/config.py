@@ -163,6 +163,12 @@ class RouterSettings(_Section):
     """``pre`` decides before generating, ``cascade`` after, ``auto`` both."""
     threshold: float = Field(default=0.5, ge=0.0, le=1.0)
     """Escalate when the escalation score is at or above this value."""
+    target_teacher_rate: float | None = Field(default=None, gt=0.0, lt=1.0)
+    """Steer the threshold online so this share of requests goes to the teacher (a
+    ``TeacherRateController`` over the last ``rate_window`` requests); ``None`` keeps the
+    calibrated threshold fixed."""
+    rate_window: int = Field(default=500, ge=10)
+    """Requests the teacher-rate controller looks back over."""
     always_teacher_patterns: list[str] = Field(default_factory=list)
     """Regular expressions; a conversation matching any goes to the teacher."""
     never_teacher_patterns: list[str] = Field(default_factory=list)

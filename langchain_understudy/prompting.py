@@ -5,10 +5,12 @@ to build training examples and :class:`~langchain_understudy.students.ChatStuden
 request. Keeping both on one function is what prevents train/serve skew.
 
 The format is plain text with role markers that a tokenizer trained by the distillation job keeps as
-single special tokens::
+single special tokens (a pretrained base reads them as ordinary text)::
 
     <|system|>
     You are a helpful assistant.
+    <|examples|>
+    [1] how much is the pro plan => 49 EUR a month.
     <|facts|>
     [1] (pricing.pro, as of 2026-01-01) The Pro plan costs 49 EUR a month.
     <|user|>
@@ -45,10 +47,13 @@ from langchain_core.messages import (
 
 __all__ = [
     "END",
+    "EXEMPLARS",
     "ROLE_MARKERS",
     "SPECIAL_TOKENS",
+    "Exemplar",
     "Fact",
     "document_to_fact",
+    "last_user_text",
     "message_text",
     "model_name_of",
     "render_answer",
@@ -62,6 +67,7 @@ FACTS = "<|facts|>"
 USER = "<|user|>"
 ASSISTANT = "<|assistant|>"
 TOOL = "<|tool|>"
+EXEMPLARS = "<|examples|>"
 END = "<|end|>"
 ROLE_MARKERS: dict[str, str] = {
     "system": SYSTEM,
@@ -71,7 +77,7 @@ ROLE_MARKERS: dict[str, str] = {
     "tool": TOOL,
 }
 #: Tokens a student tokenizer must keep whole; `END` closes every assistant turn.
-SPECIAL_TOKENS: tuple[str, ...] = (*ROLE_MARKERS.values(), END)
+SPECIAL_TOKENS: tuple[str, ...] = (*ROLE_MARKERS.values(), EXEMPLARS, END)
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,23 @@ class Fact:
     text: str
     key: str | None = None
     as_of: str | None = None
+
+
+@dataclass(frozen=True)
+class Exemplar:
+    """A past teacher answer to a similar request, shown to the student as a hint.
+
+    Exemplars are how the teacher answered before (the distillation job's exemplar memory);
+    facts are how the world is now (the knowledge store). A prompt shows both, in separate
+    sections.
+
+    Attributes:
+        query: The past request (its last user turn).
+        answer: The teacher's answer to it.
+    """
+
+    query: str
+    answer: str
 
 
 def document_to_fact(doc: Document) -> Fact:
@@ -186,6 +209,14 @@ def message_text(message: BaseMessage) -> str:
     return text.strip()
 
 
+def last_user_text(messages: Sequence[BaseMessage]) -> str:
+    """The text of the last user turn: what facts, exemplars and routing signals are found by."""
+    for m in reversed(messages):
+        if isinstance(m, HumanMessage):
+            return message_text(m)
+    return message_text(messages[-1]) if messages else ""
+
+
 def _role(message: BaseMessage) -> str:
     if isinstance(message, SystemMessage):
         return "system"
@@ -226,11 +257,20 @@ def _render_facts(facts: Sequence[Fact | str]) -> str:
     return "\n".join(lines)
 
 
+def _render_exemplars(exemplars: Sequence[Exemplar]) -> str:
+    lines = []
+    for i, ex in enumerate(exemplars, 1):
+        query = " ".join(ex.query.split())
+        lines.append(f"[{i}] {query} => {ex.answer.strip()}")
+    return "\n".join(lines)
+
+
 def render_prompt(
     messages: Sequence[BaseMessage],
     facts: Sequence[Fact | str] | None = None,
     *,
     system: str | None = None,
+    exemplars: Sequence[Exemplar] | None = None,
 ) -> str:
     r"""Render a conversation (and retrieved facts) as the text a student continues.
 
@@ -241,6 +281,8 @@ def render_prompt(
         facts: Facts retrieved for this turn, most relevant first; placed after the system
             line and before the conversation.
         system: A default system line used when the conversation has none.
+        exemplars: Past teacher answers to similar requests (most similar first), placed
+            before the facts.
 
     Returns:
         The prompt text, ending with ``"<|assistant|>\\n"``.
@@ -255,6 +297,8 @@ def render_prompt(
     if turns and turns[0][0] == "system":
         out.append(f"{SYSTEM}\n{turns[0][1]}\n")
         body = turns[1:]
+    if exemplars:
+        out.append(f"{EXEMPLARS}\n{_render_exemplars(exemplars)}\n")
     if facts:
         out.append(f"{FACTS}\n{_render_facts(facts)}\n")
     for role, text in body:

@@ -10,7 +10,53 @@ from typing import Any
 
 from langchain_understudy.plugin._table import format_table
 
-__all__ = ["register"]
+__all__ = ["STARTER_JOB", "register"]
+
+STARTER_JOB = """\
+# understudy distillation job: `understudy distill run --config job.toml`
+# Paths are relative to this file. Every table and key is optional; these are the defaults
+# of a pretrained, exemplar-backed student. `understudy traces import FILE.jsonl` fills the traces.
+name = "understudy"
+traces = ".understudy/traces.sqlite"    # the trace store `understudy traces import` writes
+registry = ".understudy/students"       # where students are registered and promoted
+work_dir = ".understudy/runs"           # run folders: datasets, checkpoints, reports
+heldout_fraction = 0.05                 # by hash of the conversation: never trained on
+# system = "You are the support assistant of Example Corp."   # when a trace has no system line
+
+[student]
+base = "smollm2-135m-instruct"          # bundled SmolLM2-135M-Instruct (Apache-2.0), offline;
+                                        # or "path/to/any-llama-family.gguf"
+train_layers = 8                        # train the top 8 of its 30 blocks (faster steps on CPU);
+                                        # remove to train every weight
+# lora = { r = 16, alpha = 32 }         # or: train LoRA adapters, merged before export
+
+[exemplars]                             # the job indexes its own training traces: every prompt
+k = 4                                   # shows the k most similar past teacher answers,
+distinct_by = "answer"                  # k different ones, never the example's own
+
+# [knowledge]                           # current facts from a knowledge store (`understudy kb`)
+# path = ".understudy/knowledge"
+# k = 4
+
+[training]
+max_minutes = 20                        # time budget; the learning rate anneals within it
+epochs = 2
+batch_size = 16
+group_by_length = true                  # batches of similar length: less padding per step
+# learning_rate = 1e-4                  # default: 1e-4 for a base, 1e-3 from scratch or LoRA
+# threads = 2                           # CPU threads (default: all cores); a GPU is used if present
+
+[package]
+quant_types = ["Q8_0", "Q4_K_M"]        # each is evaluated on the held-out traces
+serve = "Q8_0"                          # the one registered and served
+
+[gate]
+min_exact_match = 0.0                   # absolute floor on held-out exact match
+min_improvement = 0.0                   # must match or beat the serving student
+
+# [relabel]                             # ask a teacher for prompts without an answer
+# mode = "missing"                      # needs a [teacher] table as in understudy.toml
+"""
 
 
 def _job(args: argparse.Namespace) -> object:
@@ -43,6 +89,7 @@ def _summary(result: object) -> str:
             f"{m.get('latency_ms_p50', 0):.1f} / {m.get('latency_ms_p95', 0):.1f}",
         ],
         ["train examples / steps", f"{m.get('n_train')} / {m.get('train_steps')}"],
+        *([["answer space", _space_line(space)]] if (space := m.get("answer_space")) else []),
         *(
             [
                 [
@@ -57,6 +104,28 @@ def _summary(result: object) -> str:
         ["run folder", result.run_dir],
     ]
     return format_table(["", "value"], rows)
+
+
+def _init(args: argparse.Namespace) -> int:
+    path = Path(args.path)
+    if path.exists() and not args.force:
+        print(f"error: {path} already exists; pass --force to overwrite it", file=sys.stderr)
+        return 1
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(STARTER_JOB, encoding="utf-8")
+    print(f"wrote {path}")
+    print("next: `understudy traces import TRACES.jsonl`, then")
+    print(f"`understudy distill run --config {path}`")
+    return 0
+
+
+def _space_line(space: dict[str, Any]) -> str:
+    kind = space.get("kind")
+    if kind == "labels":
+        return f"closed set of {space.get('n_labels')} answers (constrained when serving)"
+    if kind == "json":
+        return "JSON schema inferred from the answers (see report.json; enforced when serving)"
+    return "free text"
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -103,6 +172,17 @@ def _schedule(args: argparse.Namespace) -> int:
     return 0
 
 
+def _exemplar_embeddings(version: Any) -> Any:
+    """The default embeddings when the version was distilled with exemplar memory, else None."""
+    from langchain_understudy.students.exemplars import EXEMPLAR_FILES
+
+    if not all(f in version.files for f in EXEMPLAR_FILES):
+        return None
+    from langchain_understudy.retrieval.embeddings import default_embeddings
+
+    return default_embeddings()
+
+
 def _eval(args: argparse.Namespace) -> int:
     from langchain_understudy.distill_jobs.dataset import Example, conversation_key
     from langchain_understudy.distill_jobs.evaluation import evaluate_student
@@ -130,9 +210,9 @@ def _eval(args: argparse.Namespace) -> int:
             examples.append(ex)
     if args.limit:
         examples = examples[: args.limit]
-    student = ChatStudent(
-        model_path=v.path,
-        student_version=v.version,
+    student = ChatStudent.from_version(
+        v,
+        embeddings=_exemplar_embeddings(v),
         n_ctx=int(prov.get("n_ctx", 2048)),
         system_prompt=prov.get("system"),
         max_tokens=args.max_tokens,
@@ -149,6 +229,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``distill`` and ``eval``."""
     p = sub.add_parser("distill", help="build students from traces")
     s = p.add_subparsers(dest="distill_command", metavar="ACTION", required=True)
+    init = s.add_parser("init", help="write a commented starter job.toml")
+    init.add_argument("path", nargs="?", default="job.toml", type=Path)
+    init.add_argument("--force", action="store_true", help="overwrite an existing file")
+    init.set_defaults(func=_init)
     run = s.add_parser("run", help="run a distillation job once")
     run.add_argument("--config", required=True, type=Path, help="job TOML file")
     run.add_argument("--resume", action="store_true", help="continue the last interrupted run")

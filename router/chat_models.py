@@ -112,9 +112,11 @@ class _StudentSource:
         student_kwargs: dict[str, Any],
         ood_index: Any,
         check_every_s: float,
+        embeddings: Callable[[], Any],
     ) -> None:
         self._student = student
         self._kwargs = student_kwargs
+        self._embeddings = embeddings
         self._ood_arg = ood_index
         self._every = check_every_s
         self._lock = threading.Lock()
@@ -161,7 +163,13 @@ class _StudentSource:
         from langchain_understudy.students import ChatStudent
 
         v = reg.get(version)
-        model = ChatStudent(model_path=v.path, student_version=v.version, **self._kwargs)
+        from langchain_understudy.students.exemplars import EXEMPLAR_FILES
+
+        # a student distilled with exemplar memory retrieves past answers with our embeddings
+        with_memory = all(f in v.files for f in EXEMPLAR_FILES)
+        model = ChatStudent.from_version(
+            v, embeddings=self._embeddings() if with_memory else None, **self._kwargs
+        )
         if self._ood_arg is not None:
             ood, why = self._explicit_ood()
         elif "ood_index.npy" in v.files:
@@ -363,6 +371,7 @@ class ChatUnderstudy(BaseChatModel):
             student_kwargs=dict(self.student_kwargs),
             ood_index=self.ood_index,
             check_every_s=self.reload_check_s,
+            embeddings=self._embedder_model,
         )
         if isinstance(self.teacher, ResilientTeacher):
             self._guard = self.teacher
@@ -517,7 +526,8 @@ class ChatUnderstudy(BaseChatModel):
             yield chunk
 
     # -- request preparation ----------------------------------------------------------------------
-    def _embed_fn(self) -> Callable[[str], Sequence[float]]:
+    def _embedder_model(self) -> Any:
+        """The embeddings (``embeddings`` or the bundled MiniLM), loaded once on first use."""
         with self._embed_lock:
             if self._embedder is None:
                 if self.embeddings is not None:
@@ -526,7 +536,10 @@ class ChatUnderstudy(BaseChatModel):
                     from langchain_understudy.retrieval.embeddings import default_embeddings
 
                     self._embedder = default_embeddings()
-        fn: Callable[[str], Sequence[float]] = self._embedder.embed_query
+            return self._embedder
+
+    def _embed_fn(self) -> Callable[[str], Sequence[float]]:
+        fn: Callable[[str], Sequence[float]] = self._embedder_model().embed_query
         return fn
 
     def fact_selection(self, trained: dict[str, Any] | None = None) -> FactSelection:

@@ -32,7 +32,17 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from langchain_understudy.errors import ArtifactError, ConfigError, StudentError
-from langchain_understudy.prompting import END, Fact, render_prompt
+from langchain_understudy.prompting import END, Exemplar, Fact, render_prompt
+from langchain_understudy.students.answer_space import (
+    ANSWER_SPACE_FILE,
+    AnswerSpace,
+    labels_grammar,
+)
+from langchain_understudy.students.exemplars import (
+    EXEMPLAR_FILES,
+    ExemplarMemory,
+    ExemplarRetriever,
+)
 
 __all__ = ["ChatStudent", "confidence_from_logprobs"]
 
@@ -199,6 +209,18 @@ class ChatStudent(BaseChatModel):
     none), so a small student cannot run away inside a string before ``max_tokens``."""
     n_instances: int = Field(default=1, ge=1, le=64)
     """llama.cpp contexts for concurrent calls (each holds its own KV cache)."""
+    exemplars: ExemplarRetriever | None = None
+    """Exemplar memory the student was distilled with: each prompt shows the teacher's past
+    answers to the most similar requests (see :meth:`from_registry`). A per-call
+    ``exemplars=[...]`` replaces the lookup."""
+    answer_space: AnswerSpace | None = None
+    """The shape of the teacher's answers, inferred by the distillation job: a closed set of
+    labels, or a JSON schema that every answer follows (see :meth:`from_registry`)."""
+    closed_answers: Literal["seen", "candidates", "off"] = "seen"
+    """With a ``labels`` answer space: answer only with a label seen in training (``"seen"``),
+    only with one of this request's exemplar answers (``"candidates"``; all labels when there
+    are none), or freely (``"off"``). A ``json`` answer space always applies its schema unless
+    ``json_schema`` is given."""
     student_version: str | None = None
     """Registry version this student was loaded from, reported in metadata."""
     model_name: str | None = Field(default=None, alias="model")
@@ -227,12 +249,23 @@ class ChatStudent(BaseChatModel):
         return self
 
     @classmethod
-    def from_registry(cls, registry: Any, version: str | None = None, **kwargs: Any) -> ChatStudent:
+    def from_registry(
+        cls,
+        registry: Any,
+        version: str | None = None,
+        *,
+        embeddings: Any = None,
+        **kwargs: Any,
+    ) -> ChatStudent:
         """Build a student from a registry version (default: the promoted one).
 
         Args:
             registry: A :class:`~langchain_understudy.students.StudentRegistry` or its folder.
             version: A version id; ``None`` serves the promoted version.
+            embeddings: LangChain ``Embeddings`` for the student's exemplar memory (the ones
+                the distillation job used, by default
+                ``langchain_understudy.retrieval.default_embeddings()``); required when the
+                version was distilled with exemplars.
             **kwargs: Other ``ChatStudent`` fields.
         """
         from langchain_understudy.students.registry import StudentRegistry
@@ -242,7 +275,36 @@ class ChatStudent(BaseChatModel):
         if v is None:
             msg = f"no student is promoted in {reg.root}; run `understudy students promote V`"
             raise ArtifactError(msg)
-        return cls(model_path=v.path, student_version=v.version, **kwargs)
+        return cls.from_version(v, embeddings=embeddings, **kwargs)
+
+    @classmethod
+    def from_version(cls, version: Any, *, embeddings: Any = None, **kwargs: Any) -> ChatStudent:
+        """Build a student from a :class:`~langchain_understudy.students.StudentVersion`.
+
+        Loads what was registered with it: the exemplar memory (with ``embeddings``) and the
+        answer space.
+        """
+        kwargs.setdefault("student_version", version.version)
+        if "exemplars" not in kwargs and all(f in version.files for f in EXEMPLAR_FILES):
+            settings = version.provenance.get("exemplars") or {}
+            if embeddings is None:
+                msg = (
+                    f"student {version.version} was distilled with exemplar memory; pass "
+                    "embeddings= (the job's, by default "
+                    "langchain_understudy.retrieval.default_embeddings()) or serve it through "
+                    "ChatUnderstudy / load_understudy, which pass them"
+                )
+                raise ConfigError(msg)
+            memory = ExemplarMemory.load(*(version.artifact(f) for f in EXEMPLAR_FILES))
+            kwargs["exemplars"] = ExemplarRetriever(
+                memory,
+                embeddings.embed_query,
+                k=int(settings.get("k", 4)),
+                distinct=settings.get("distinct_by", "answer") == "answer",
+            )
+        if "answer_space" not in kwargs and ANSWER_SPACE_FILE in version.files:
+            kwargs["answer_space"] = AnswerSpace.load(version.artifact(ANSWER_SPACE_FILE))
+        return cls(model_path=version.path, **kwargs)
 
     # -- LangChain plumbing -------------------------------------------------------------------
     @property
@@ -321,19 +383,40 @@ class ChatStudent(BaseChatModel):
                 raise ConfigError(msg) from e
         return self._grammars[key]
 
+    def _space_grammar(self, closed: str, exemplars: Sequence[Exemplar] | None) -> Any:
+        """The grammar the answer space asks for (``None``: unconstrained)."""
+        space = self.answer_space
+        if space is None:
+            return None
+        if space.kind == "json" and space.schema:
+            return self._grammar(space.schema)
+        if space.kind != "labels" or closed == "off" or not space.labels:
+            return None
+        labels = space.labels
+        if closed == "candidates" and exemplars:
+            allowed = set(labels)
+            labels = [e.answer for e in exemplars if e.answer in allowed] or labels
+        key = "labels:" + json.dumps(labels)
+        if key not in self._grammars:
+            from llama_cpp import LlamaGrammar
+
+            self._grammars[key] = LlamaGrammar.from_string(labels_grammar(labels), verbose=False)
+        return self._grammars[key]
+
     def _prompt_tokens(
         self,
         llm: Any,
         messages: Sequence[BaseMessage],
         facts: Sequence[Fact | str] | None,
         max_tokens: int,
+        exemplars: Sequence[Exemplar] | None = None,
     ) -> tuple[list[int], int]:
         msgs = list(messages)
         dropped = 0
         # room an answer must have; beyond it, max_tokens is capped to what the context has left
         reserve = min(max_tokens, max(1, self.n_ctx // 4))
         while True:
-            text = render_prompt(msgs, facts, system=self.system_prompt)
+            text = render_prompt(msgs, facts, system=self.system_prompt, exemplars=exemplars)
             tokens = llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
             if len(tokens) + reserve <= self.n_ctx:
                 return tokens, dropped
@@ -357,14 +440,24 @@ class ChatStudent(BaseChatModel):
     ) -> _Generation:
         max_tokens = int(kwargs.get("max_tokens") or self.max_tokens)
         temperature = float(kwargs.get("temperature", self.temperature))
+        exemplars = kwargs.get("exemplars")
+        if exemplars is None and self.exemplars is not None:
+            exemplars = self.exemplars.for_messages(messages)
         schema = kwargs.get("json_schema", self.json_schema)
-        grammar = self._grammar(schema) if schema is not None else None
+        if schema is not None:
+            grammar = self._grammar(schema)
+        else:
+            grammar = self._space_grammar(
+                kwargs.get("closed_answers", self.closed_answers), exemplars
+            )
         stops = [s for s in [*(self.stop or []), *(stop or []), END] if s]
         want_conf = bool(kwargs.get("confidence", self.confidence))
         pool = self._get_pool()
         llm = pool.acquire()
         try:
-            tokens, dropped = self._prompt_tokens(llm, messages, kwargs.get("facts"), max_tokens)
+            tokens, dropped = self._prompt_tokens(
+                llm, messages, kwargs.get("facts"), max_tokens, exemplars
+            )
             if dropped:
                 warnings.warn(
                     f"conversation exceeded the student's context ({self.n_ctx} tokens); "

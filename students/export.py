@@ -22,7 +22,13 @@ import numpy as np
 from langchain_understudy.errors import ArtifactError, ConfigError
 from langchain_understudy.students.registry import publish
 
-__all__ = ["SUPPORTED_ARCHITECTURES", "SUPPORTED_PRE_TOKENIZERS", "export_gguf"]
+__all__ = [
+    "SUPPORTED_ARCHITECTURES",
+    "SUPPORTED_PRE_TOKENIZERS",
+    "TOKENIZER_METADATA_FILE",
+    "export_gguf",
+    "read_tokenizer_metadata",
+]
 
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "LlamaForCausalLM": "llama",
@@ -47,6 +53,58 @@ SUPPORTED_PRE_TOKENIZERS: dict[str, str] = {
 _TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_USER_DEFINED, _TOKEN_UNUSED = 1, 3, 4, 5
 #: Version of the metadata this exporter writes under ``understudy.*``.
 FORMAT_VERSION = 1
+#: A checkpoint made from a GGUF base keeps that file's ``tokenizer.*`` metadata here (JSON);
+#: :func:`export_gguf` writes it back verbatim so the student tokenizes exactly as its base.
+TOKENIZER_METADATA_FILE = "understudy_tokenizer.json"
+
+
+def read_tokenizer_metadata(gguf_path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read every ``tokenizer.*`` key of a GGUF file as JSON-ready data.
+
+    Returns:
+        ``{"fields": [{"key", "type", "sub_type", "value"}, ...]}`` with GGUF value-type numbers.
+    """
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(gguf_path))
+    except Exception as e:  # gguf raises several types for damaged files
+        msg = f"{gguf_path} is not a readable GGUF file ({type(e).__name__}: {e})"
+        raise ArtifactError(msg) from e
+    fields = []
+    for key, field in reader.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        vtype = field.types[0]
+        sub = field.types[1] if vtype == gguf.GGUFValueType.ARRAY and len(field.types) > 1 else None
+        value = field.contents()
+        if isinstance(value, np.generic):
+            value = value.item()
+        fields.append(
+            {
+                "key": key,
+                "type": int(vtype),
+                "sub_type": int(sub) if sub is not None else None,
+                "value": value,
+            }
+        )
+    if not any(f["key"] == "tokenizer.ggml.tokens" for f in fields):
+        msg = f"{gguf_path} has no tokenizer (tokenizer.ggml.tokens); it cannot serve as a base"
+        raise ArtifactError(msg)
+    return {"fields": fields}
+
+
+def _write_tokenizer_metadata(w: Any, meta: dict[str, Any]) -> int:
+    """Write metadata read by :func:`read_tokenizer_metadata`; returns the vocabulary size."""
+    import gguf
+
+    n_tokens = 0
+    for f in meta["fields"]:
+        sub = gguf.GGUFValueType(f["sub_type"]) if f["sub_type"] is not None else None
+        w.add_key_value(f["key"], f["value"], gguf.GGUFValueType(f["type"]), sub_type=sub)
+        if f["key"] == "tokenizer.ggml.tokens":
+            n_tokens = len(f["value"])
+    return n_tokens
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -235,6 +293,27 @@ def _gguf_name(hf_name: str) -> str | None:
     raise ConfigError(msg)
 
 
+def _write_tokenizer(w: Any, tok: dict[str, Any]) -> None:
+    """Write a tokenizer read from ``tokenizer.json`` by :func:`_tokenizer_meta`."""
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(tok["pre"])
+    w.add_token_list(tok["tokens"])
+    w.add_token_types(tok["types"])
+    w.add_token_merges(tok["merges"])
+    for key, adder in (
+        ("bos", w.add_bos_token_id),
+        ("eos", w.add_eos_token_id),
+        ("unk", w.add_unk_token_id),
+        ("pad", w.add_pad_token_id),
+    ):
+        if tok[key] is not None:
+            adder(int(tok[key]))
+    w.add_add_bos_token(tok["add_bos"])
+    w.add_add_eos_token(False)
+    if tok["chat_template"]:
+        w.add_chat_template(tok["chat_template"])
+
+
 def export_gguf(
     checkpoint_dir: str | os.PathLike[str],
     out_path: str | os.PathLike[str],
@@ -247,6 +326,9 @@ def export_gguf(
     Args:
         checkpoint_dir: Folder with ``config.json``, ``model.safetensors`` (or shards) and
             ``tokenizer.json`` (plus ``tokenizer_config.json`` for special tokens / chat template).
+            A checkpoint made from a GGUF base (``understudy_tokenizer.json`` beside the weights)
+            gets its base's tokenizer metadata back verbatim: pre-tokenizer, special tokens,
+            BOS/EOS and chat template.
         out_path: The GGUF file to write; written atomically (a temporary file, then a rename).
         dtype: ``"f16"`` or ``"f32"`` for 2-D weights; norms and biases are always f32.
         provenance: Extra metadata stored under ``understudy.<key>``.
@@ -281,7 +363,9 @@ def export_gguf(
     n_embd = int(cfg["hidden_size"])
     head_dim = int(cfg.get("head_dim") or n_embd // n_head)
     vocab_size = int(cfg["vocab_size"])
-    tok = _tokenizer_meta(ckpt, vocab_size)
+    base_tok_file = ckpt / TOKENIZER_METADATA_FILE
+    base_tok = _read_json(base_tok_file) if base_tok_file.exists() else None
+    tok = None if base_tok is not None else _tokenizer_meta(ckpt, vocab_size)
 
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -307,27 +391,16 @@ def export_gguf(
         if scaling is not None:
             w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             w.add_rope_scaling_factor(scaling[1])
-        w.add_vocab_size(len(tok["tokens"]))
         w.add_file_type(
             gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16
         )
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre(tok["pre"])
-        w.add_token_list(tok["tokens"])
-        w.add_token_types(tok["types"])
-        w.add_token_merges(tok["merges"])
-        for key, adder in (
-            ("bos", w.add_bos_token_id),
-            ("eos", w.add_eos_token_id),
-            ("unk", w.add_unk_token_id),
-            ("pad", w.add_pad_token_id),
-        ):
-            if tok[key] is not None:
-                adder(int(tok[key]))
-        w.add_add_bos_token(tok["add_bos"])
-        w.add_add_eos_token(False)
-        if tok["chat_template"]:
-            w.add_chat_template(tok["chat_template"])
+        if base_tok is not None:
+            n_tokens = _write_tokenizer_metadata(w, base_tok)
+        else:
+            assert tok is not None
+            n_tokens = len(tok["tokens"])
+            _write_tokenizer(w, tok)
+        w.add_vocab_size(n_tokens)
         w.add_uint32("understudy.format_version", FORMAT_VERSION)
         w.add_string("understudy.source_architecture", hf_arch)
         w.add_string("understudy.exported_at", datetime.now(UTC).isoformat(timespec="seconds"))
@@ -350,7 +423,7 @@ def export_gguf(
             elif permute and name.endswith("attn_k.weight"):
                 data = _permute(data, n_head_kv)
             if name == "token_embd.weight" or name == "output.weight":
-                rows = len(tok["tokens"])
+                rows = n_tokens
                 if data.shape[0] < rows:  # tokenizer has more ids than the embedding: pad
                     pad = np.zeros((rows - data.shape[0], data.shape[1]), dtype=data.dtype)
                     data = np.concatenate([data, pad])

@@ -10,7 +10,12 @@ from langchain_core.messages import HumanMessage
 
 from langchain_understudy.distill_jobs.dataset import build_examples
 from langchain_understudy.distill_jobs.scratch import ScratchSize, build_tokenizer, init_student
-from langchain_understudy.distill_jobs.training import IGNORE_INDEX, encode_example, pad_batch
+from langchain_understudy.distill_jobs.training import (
+    IGNORE_INDEX,
+    distillation_loss,
+    encode_example,
+    pad_batch,
+)
 
 
 def test_loss_is_cross_entropy_on_teacher_tokens_only(tmp_path) -> None:
@@ -48,6 +53,9 @@ def test_loss_is_cross_entropy_on_teacher_tokens_only(tmp_path) -> None:
     )
     assert out.loss.item() == pytest.approx(total / count, rel=1e-5)
     assert math.isfinite(out.loss.item())
+    # the training loss computes logits only from the first answer position on: same value
+    with torch.no_grad():
+        assert distillation_loss(model, batch).item() == pytest.approx(total / count, rel=1e-5)
 
 
 def test_overlong_examples_are_skipped(tmp_path) -> None:
