@@ -138,3 +138,30 @@ def test_two_processes_writing_concurrently_lose_nothing(tmp_path: Path) -> None
     for key in ("a-5-3", "b-11-4"):
         name, r, i = key.split("-")
         assert store.similarity_search(f"{name} fact {r} {i}", k=1)[0].id == key
+
+
+def test_compaction_while_another_process_writes_loses_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "kb"
+    seed = KnowledgeStore(path, HashEmbeddings())
+    seed.add_texts([f"seed {i}" for i in range(1500)], ids=[f"seed-{i}" for i in range(1500)])
+    seed.add_texts([f"seed {i} v2" for i in range(10)], ids=[f"seed-{i}" for i in range(10)])
+    rounds, per_round = 12, 5
+    proc = _child(["writer", str(path), "a", str(rounds), str(per_round)])
+    time.sleep(0.5)
+    (tmp_path / "go").touch()
+    compactions = 0
+    while proc.poll() is None:  # merge everything again and again while the writer writes
+        seed.compact()
+        compactions += 1
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err
+    assert compactions >= 1
+    store = KnowledgeStore(path, HashEmbeddings())
+    written = {f"a-{r}-{i}" for r in range(rounds) for i in range(per_round)}
+    deleted = {f"a-{r}-0" for r in range(0, rounds, 3)}
+    assert {d.id for d in store.get_by_ids(sorted(written))} == written - deleted
+    assert len(store) == 1500 + len(written - deleted) + 1
+    stats = store.stats()
+    assert stats.vectors == stats.versions == 1510 + rounds * per_round + rounds
+    assert store.similarity_search("a fact 7 3", k=1)[0].id == "a-7-3"
+    assert store.similarity_search("seed 3 v2", k=1)[0].id == "seed-3"
