@@ -295,6 +295,27 @@ def test_valid_requests_get_the_right_answer(
 
 
 @FUZZ
+@given(
+    header=st.none()
+    | header_text
+    | st.sampled_from(["Bearer s3cret", "bearer  s3cret ", "Bearer"]),
+    path=st.sampled_from([URL, "/v1/models", "/metrics", "/healthz", "/v1/x"]),
+)
+def test_with_an_api_key_only_the_right_bearer_gets_in(header: str | None, path: str) -> None:
+    app = create_app(Utf8EchoModel(), api_key="s3cret")
+    with TestClient(app, raise_server_exceptions=False) as c:
+        headers = {} if header is None else {"authorization": header}
+        resp = c.post(path, json={"messages": [{"role": "user", "content": "hi"}]}, headers=headers)
+        scheme, _, token = (header or "").partition(" ")
+        allowed = path == "/healthz" or (scheme.lower() == "bearer" and token.strip() == "s3cret")
+        if allowed:
+            assert resp.status_code != 401
+        else:
+            check_error(resp)
+            assert resp.status_code == 401 and resp.headers["www-authenticate"] == "Bearer"
+
+
+@FUZZ
 @given(depth=st.integers(0, 6000), kind=st.sampled_from(["list", "dict"]))
 def test_nesting_within_the_limit_is_read_and_beyond_it_refused(
     client: TestClient, depth: int, kind: str
