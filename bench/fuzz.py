@@ -118,6 +118,8 @@ def run_entry(key: str, cases: int) -> dict[str, Any]:
     n_props = properties(present)
     per_property = math.ceil(cases / max(1, n_props))
     env = {**os.environ, "UNDERSTUDY_FUZZ_EXAMPLES": str(per_property)}
+    load_before = os.getloadavg()
+    started = time.strftime("%Y-%m-%d %H:%M")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         t0 = time.perf_counter()
@@ -143,6 +145,9 @@ def run_entry(key: str, cases: int) -> dict[str, Any]:
         "found_open_elsewhere": sum(t["outcome"] == "xfailed" for t in found),
         "known_open_cases": got.get("known_open_cases", 0),
         "seconds": round(seconds, 1),
+        "started": started,
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "pytest_exit": got["pytest_exit"],
         "tests": tests,
     }
@@ -159,14 +164,15 @@ def main(argv: list[str] | None = None) -> int:
         return _child(args.child, 0, args.out)
 
     path = RESULTS / "fuzz.json"
-    previous = json.loads(path.read_text()) if args.only and path.exists() else {}
-    entries: dict[str, Any] = dict(previous.get("entries", {}))
+    entries: dict[str, Any] = {}
     load_before = os.getloadavg()
     for key in args.only or list(ENTRY_POINTS):
         print(f"fuzzing {key} ...", flush=True)
         entries[key] = run_entry(key, args.cases)
         e = entries[key]
         print(f"  {e['cases']} cases, {e['failures']} failures, {e['seconds']} s", flush=True)
+    if args.only and path.exists():  # read just before writing: runs of other entry points
+        entries = {**json.loads(path.read_text()).get("entries", {}), **entries}
     result = {
         "command": "python bench/fuzz.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "cases_target_per_entry_point": args.cases,

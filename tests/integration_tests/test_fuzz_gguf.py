@@ -163,6 +163,25 @@ def test_any_damaged_gguf_answers_or_raises_and_the_process_survives(
     assert worker.ask(tiny_gguf)["outcome"] == "answer"  # still serving
 
 
+def test_the_diagnosis_of_any_damaged_gguf_names_the_file(tiny_gguf: Path, tmp_path: Path) -> None:
+    from langchain_understudy.students._llama import diagnose_gguf, gguf_problem
+
+    original = tiny_gguf.read_bytes()
+    path = tmp_path / "damaged.gguf"
+
+    @FUZZ
+    @given(raw=damaged(original))
+    def case(raw: bytes) -> None:
+        path.write_bytes(raw)
+        problem = gguf_problem(path)
+        message = diagnose_gguf(path)  # what a failed load tells the user
+        assert str(path) in message and (problem is None or message == problem)
+        if len(raw) < len(original) or not raw.startswith(b"GGUF"):
+            assert problem is not None  # cut short or foreign: always refused up front
+
+    case()
+
+
 def test_a_damaged_registry_copy_is_refused_before_loading(tiny_gguf: Path, tmp_path: Path) -> None:
     from langchain_understudy.errors import ArtifactError
     from langchain_understudy.students import ChatStudent, StudentRegistry
