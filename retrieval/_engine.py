@@ -405,6 +405,9 @@ class FactEngine:
         lock_timeout: Seconds a writer waits for another process's write.
         create: Create the store if ``path`` holds none (else raise).
         load_index: ``False`` opens only the database, to :meth:`rebuild` lost segments.
+        background_merges: Merge full tiers of large segments in a background thread (built
+            without the write lock, committed under it); ``False`` leaves them to
+            :meth:`compact`.
     """
 
     def __init__(
@@ -418,8 +421,11 @@ class FactEngine:
         lock_timeout: float = 60.0,
         create: bool = True,
         load_index: bool = True,
+        background_merges: bool = False,
     ) -> None:
         self.path = Path(path)
+        self.background_merges = background_merges
+        self._merger: threading.Thread | None = None
         self.params = params or IndexParams()
         self.keep_history = keep_history
         self.compact_threshold = compact_threshold
@@ -615,7 +621,9 @@ class FactEngine:
             self._file_lock.release()
 
     def close(self) -> None:
-        """Close the database connection (the engine cannot be used afterwards)."""
+        """Wait for a background merge, then close the database (the engine is unusable after)."""
+        if self._merger is not None:
+            self._merger.join()
         with self._mutex:
             self._con.close()
 
@@ -1417,6 +1425,7 @@ class FactEngine:
 
         That is: the segments holding erased vectors once those pass ``compact_threshold``, and
         any full tier of segment files whose merge stays within ``_INLINE_MERGE_MAX`` vectors.
+        A larger full tier is merged in a background thread with ``background_merges``.
         """
         dead = self._dead()
         if dead.size and dead.size > self.compact_threshold * self.vectors:
@@ -1427,14 +1436,43 @@ class FactEngine:
             for seg in self._segments:
                 if seg.id != _TAIL_ID:
                     tiers.setdefault(_tier(seg.index.ntotal), []).append(seg)
-            full = [
-                t
-                for t, segs in tiers.items()
-                if len(segs) >= _FANOUT and sum(s.index.ntotal for s in segs) <= _INLINE_MERGE_MAX
-            ]
-            if not full:
-                return
-            self._merge_commit(tiers[min(full)], self._dead())
+            full = sorted(t for t, segs in tiers.items() if len(segs) >= _FANOUT)
+            small = [t for t in full if sum(s.index.ntotal for s in tiers[t]) <= _INLINE_MERGE_MAX]
+            if small:
+                self._merge_commit(tiers[small[0]], self._dead())
+                continue
+            if full and self.background_merges:
+                self._start_background_merge([s.id for s in tiers[full[0]]])
+            return
+
+    def _start_background_merge(self, seg_ids: list[int]) -> None:
+        if self._merger is not None and self._merger.is_alive():
+            return  # one at a time; the next write after it looks again
+        # Not a daemon: the interpreter waits for a merge in progress before it exits.
+        self._merger = threading.Thread(
+            target=self._background_merge, args=(seg_ids,), name="knowledge-merge"
+        )
+        self._merger.start()
+
+    def _background_merge(self, seg_ids: list[int]) -> None:
+        """Merge segment files without the write lock, then commit under it."""
+        try:
+            with self._mutex:
+                segments = [s for s in self._segments if s.id in seg_ids]
+                if len(segments) != len(seg_ids):
+                    return
+                parts, gone, _ = self._parts(segments, self._dead())
+            n = sum(int(ids.size) for _, ids in parts)
+            dim = segments[0].index.dim
+            merged = merge_indexes(parts, self._segment_kind(n), self.params, dim)
+            with self._mutex, self.locked():
+                self.refresh()
+                if not set(seg_ids) <= {s.id for s in self._segments}:
+                    return  # merged by someone else meanwhile
+                self._commit(drop_segments=seg_ids, add_segment=merged, undead=gone.tolist())
+            logger.info("merged %d segments of %s in the background", len(seg_ids), self.path)
+        except Exception:  # a failed merge changes nothing; the next one tries again
+            logger.warning("background merge of %s failed", self.path, exc_info=True)
 
     def compact(self, *, drop_history_before: TimeLike | None = None) -> int:
         """Merge every segment and the tail into one of the store's kind; return vectors dropped.

@@ -96,6 +96,8 @@ class KnowledgeStore(VectorStore):
         create: Create the store if ``path`` holds none (else raise).
         load_index: ``False`` opens only the database, to :meth:`rebuild` a lost index.
         embed_batch_size: Texts per call to the embeddings.
+        background_merges: Merge large segments in a background thread as they pile up (for
+            long-running processes such as a server); ``False`` leaves them to :meth:`compact`.
 
     Example:
         >>> from langchain_core.embeddings import DeterministicFakeEmbedding
@@ -127,6 +129,7 @@ class KnowledgeStore(VectorStore):
         create: bool = True,
         load_index: bool = True,
         embed_batch_size: int = 256,
+        background_merges: bool = False,
     ) -> None:
         if index is not None and index not in INDEX_KINDS:
             msg = f"index must be one of {', '.join(INDEX_KINDS)}, got {index!r}"
@@ -152,6 +155,7 @@ class KnowledgeStore(VectorStore):
             lock_timeout=lock_timeout,
             create=create,
             load_index=load_index,
+            background_merges=background_merges,
         )
         self.path = self._engine.path
 

@@ -588,3 +588,24 @@ def test_a_store_opened_without_its_index_refuses_searches(
         bare.similarity_search("only in the tail")
     assert bare.rebuild() == 1
     assert bare.similarity_search("only in the tail", k=1)[0].id == "t"
+
+
+def test_large_segments_merge_in_the_background(
+    tmp_path: Path, emb: CountingEmbeddings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from langchain_understudy.retrieval import _engine
+
+    monkeypatch.setattr(_engine, "_INLINE_MERGE_MAX", 0)  # every merge counts as large here
+    quiet = KnowledgeStore(tmp_path / "quiet", emb)
+    busy = KnowledgeStore(tmp_path / "busy", emb, background_merges=True)
+    for store in (quiet, busy):
+        for r in range(8):
+            store.add_texts([f"r{r} t{i}" for i in range(1100)])
+    assert len(quiet.segments()) == 8  # left for compact()
+    merger = busy._engine._merger
+    assert merger is not None
+    merger.join(timeout=60)
+    (merged,) = busy.segments()
+    assert merged.vectors == 8800
+    assert busy.similarity_search("r6 t5", k=1)[0].page_content == "r6 t5"
+    busy.close()
