@@ -63,6 +63,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None, help="default bench/out/clinc-<recipe>")
     ap.add_argument("--k", type=int, default=5, help="exemplars per prompt")
     ap.add_argument("--train-layers", type=int, default=None, help="pretrained: top N blocks")
+    ap.add_argument("--keep-layers", type=int, default=None, help="pretrained: bottom N blocks")
     ap.add_argument("--lr", type=float, default=None, help="peak learning rate")
     ap.add_argument("--limit-test", type=int, default=None, help="fixed random test sample")
     ap.add_argument("--heldout", type=float, default=0.03, help="held-out share of the traces")
@@ -116,6 +117,8 @@ def main() -> None:
     student = dict(recipe["student"])
     if args.train_layers:
         student["train_layers"] = args.train_layers
+    if args.keep_layers:
+        student["keep_layers"] = args.keep_layers
     training = {**recipe["training"], "max_minutes": args.minutes, "threads": args.threads}
     if args.lr:
         training["learning_rate"] = args.lr
@@ -201,6 +204,7 @@ def main() -> None:
             f"python bench/distill_clinc.py --recipe {args.recipe} --minutes {args.minutes:g} "
             f"--threads {args.threads} --k {args.k}"
             + (f" --train-layers {args.train_layers}" if args.train_layers else "")
+            + (f" --keep-layers {args.keep_layers}" if args.keep_layers else "")
             + (f" --lr {args.lr:g}" if args.lr else "")
             + (f" --limit-test {args.limit_test}" if args.limit_test else "")
         ),

@@ -80,6 +80,9 @@ class StudentSection(_Section):
     """A local Hugging Face checkpoint of the llama family to fine-tune; ``None``: from scratch."""
     lora: LoraSection | None = None
     """Train LoRA adapters on the base instead of every weight; merged before export."""
+    keep_layers: int | None = Field(default=None, ge=1)
+    """With a base: keep only its bottom N transformer blocks, a smaller and faster student
+    that still starts from pretrained weights; ``None``: every block."""
     train_layers: int | None = Field(default=None, ge=1)
     """With a base: train only the top N transformer blocks and the final norm (embeddings and
     lower blocks frozen; backward stops there, so steps are cheaper); ``None``: every weight."""
@@ -104,7 +107,11 @@ class StudentSection(_Section):
             msg = "set student.base or student.base_checkpoint, not both"
             raise ValueError(msg)
         pretrained = self.base is not None or self.base_checkpoint is not None
-        for name, value in (("lora", self.lora), ("train_layers", self.train_layers)):
+        for name, value in (
+            ("lora", self.lora),
+            ("train_layers", self.train_layers),
+            ("keep_layers", self.keep_layers),
+        ):
             if value is not None and not pretrained:
                 msg = (
                     f"student.{name} needs student.base (or base_checkpoint): it adapts an "
@@ -534,6 +541,7 @@ class DistillJob:
             size=ScratchSize(s.hidden, s.layers, s.heads, s.kv_heads, s.ffn, s.context),
             base_checkpoint=self._base_checkpoint(),
             train_layers=s.train_layers,
+            keep_layers=s.keep_layers,
             group_by_length=t.group_by_length,
             lora=LoraSettings(**s.lora.model_dump()) if s.lora is not None else None,
         )

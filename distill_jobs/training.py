@@ -71,6 +71,7 @@ class TrainSettings:
     threads: int | None = None
     lora: LoraSettings | None = None
     train_layers: int | None = None
+    keep_layers: int | None = None
     group_by_length: bool = False
 
 
@@ -103,20 +104,34 @@ class TrainResult:
         return cls(**d)
 
 
-def encode_example(tokenizer: Any, example: Example, max_len: int) -> dict[str, list[int]] | None:
+def end_as_eos(tokenizer: Any) -> bool:
+    """Whether answers end on the tokenizer's EOS instead of the ``<|end|>`` marker.
+
+    A pretrained base has no ``<|end|>`` token; its answers end on its own end-of-sequence token,
+    so llama.cpp stops natively (one token, not the five the marker splits into).
+    """
+    return END not in tokenizer.get_vocab() and tokenizer.eos_token_id is not None
+
+
+def encode_example(
+    tokenizer: Any, example: Example, max_len: int, *, eos_ends: bool | None = None
+) -> dict[str, list[int]] | None:
     """Tokenize prompt and target separately, exactly as serving sees them; mask the prompt.
+
+    Args:
+        tokenizer: The student's tokenizer.
+        example: The example.
+        max_len: Longest sequence kept.
+        eos_ends: :func:`end_as_eos` of the tokenizer (computed when ``None``; pass it when
+            encoding many examples).
 
     Returns ``None`` when the example does not fit in ``max_len`` tokens.
     """
     prompt = tokenizer(example.prompt, add_special_tokens=False)["input_ids"]
     text, eos = example.target, []
-    if (
-        text.endswith(END)
-        and END not in tokenizer.get_vocab()
-        and tokenizer.eos_token_id is not None
-    ):
-        # a pretrained base has no <|end|> token: end on its own end-of-sequence token instead,
-        # so llama.cpp stops natively (one token, not the five the marker splits into)
+    if eos_ends is None:
+        eos_ends = end_as_eos(tokenizer)
+    if eos_ends and text.endswith(END):
         text, eos = text[: -len(END)], [tokenizer.eos_token_id]
     target = [*tokenizer(text, add_special_tokens=False)["input_ids"], *eos]
     bos = [tokenizer.bos_token_id] if getattr(tokenizer, "add_bos_token", False) else []
@@ -186,6 +201,19 @@ def _freeze_below(model: Any, train_layers: int) -> None:
         p.requires_grad = True
 
 
+def _keep_bottom(model: Any, keep: int) -> None:
+    """Drop all but the bottom ``keep`` transformer blocks of a llama-family model."""
+    core = model.get_decoder()
+    n = len(core.layers)
+    if keep > n:
+        msg = f"student.keep_layers is {keep} but the base has {n} blocks"
+        raise ConfigError(msg)
+    core.layers = core.layers[:keep]
+    model.config.num_hidden_layers = keep
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = list(model.config.layer_types)[:keep]
+
+
 def _load_or_create(
     examples: Sequence[Example], out: Path, settings: TrainSettings
 ) -> tuple[Any, Any, int]:
@@ -201,6 +229,8 @@ def _load_or_create(
             tok.pad_token = tok.eos_token
         model = AutoModelForCausalLM.from_pretrained(str(base))
         max_len = min(2048, int(getattr(model.config, "max_position_embeddings", 2048)))
+        if settings.keep_layers is not None:
+            _keep_bottom(model, settings.keep_layers)
         if settings.train_layers is not None:
             _freeze_below(model, settings.train_layers)
         if settings.lora is not None:
@@ -270,7 +300,8 @@ def train_student(
         max_len = settings.size.context
     else:
         model, tok, max_len = _load_or_create(examples, out, settings)
-    encoded = [encode_example(tok, ex, max_len) for ex in examples]
+    eos_ends = end_as_eos(tok)
+    encoded = [encode_example(tok, ex, max_len, eos_ends=eos_ends) for ex in examples]
     data = [e for e in encoded if e is not None]
     if not data:
         msg = (

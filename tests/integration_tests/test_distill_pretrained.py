@@ -55,6 +55,8 @@ def pretrained_run(tmp_path_factory: pytest.TempPathFactory, tiny_gguf_f32: Path
     toml = tiny_job_toml("pre", '\n[exemplars]\nk = 3\n\n[package]\ndtype = "f32"\n')
     # the tiny [student] table describes a from-scratch model; a base replaces it
     toml = toml.replace("[student]\n", '[student]\nbase = "base.gguf"\n', 1)
+    # and the base's tiny shape keys are ignored; drop its top block (keep_layers)
+    toml = toml.replace("layers = 2\n", "keep_layers = 1\n", 1)
     (d / "job.toml").write_text(toml)
     cfg = DistillConfig.from_toml(d / "job.toml")
     job = DistillJob(cfg, progress=False)
@@ -88,6 +90,7 @@ def test_job_fine_tunes_a_gguf_base_and_keeps_its_tokenizer(pretrained_run: dict
     run_dir = result.run_dir
     final = run_dir / "train" / "final"
     assert (final / TOKENIZER_METADATA_FILE).is_file()
+    assert json.loads((final / "config.json").read_text())["num_hidden_layers"] == 1
     _same_tokens_and_logits(final, run_dir / "student.f32.gguf", corpus(40, seed=3))
 
 

@@ -1,0 +1,100 @@
+"""Decoding off the main thread: the same 8 requests on the main thread, on a worker thread, and
+8 at once on one ``ChatStudent``, interleaved in one run.
+
+llama.cpp built with OpenMP (libgomp) keeps one spinning thread team per calling thread, so a
+second thread that decodes competes with the first team for the same cores; the Makefile builds
+it with ``-DGGML_OPENMP=OFF`` (ggml's own thread pool). This benchmark checks that build.
+
+    .venv/bin/python bench/thread_penalty.py [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from _common import machine, save, table
+
+
+def _student_gguf(folder: Path) -> Path:
+    """A random-weight ~25 M-parameter llama student (decode speed does not need training)."""
+    from langchain_understudy.distill_jobs.scratch import (
+        ScratchSize,
+        build_tokenizer,
+        init_student,
+        save_student,
+    )
+    from langchain_understudy.students import export_gguf, quantize_gguf
+
+    lines = [f"request {i} about plan {i % 7} and price {i * 13 % 1000}" for i in range(3000)]
+    tok = build_tokenizer(lines, folder / "ckpt", vocab_size=2048)
+    model = init_student(tok, ScratchSize(hidden=512, layers=8, heads=8, kv_heads=4, ffn=1536))
+    save_student(model, tok, folder / "ckpt")
+    f16 = export_gguf(folder / "ckpt", folder / "student.f16.gguf")
+    return quantize_gguf(f16, folder / "student.Q8_0.gguf", "Q8_0")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=64)
+    args = ap.parse_args()
+
+    import llama_cpp
+
+    from langchain_understudy.students import ChatStudent
+
+    folder = Path(tempfile.mkdtemp(prefix="thread-penalty-"))
+    gguf = _student_gguf(folder)
+    student = ChatStudent(
+        model_path=gguf, n_ctx=512, max_tokens=args.tokens, n_threads=args.threads, stop=["\x00"]
+    ).load()
+    prompts = [f"request {i}: how much is plan {i}?" for i in range(8)]
+
+    def sequential() -> None:
+        for p in prompts:
+            student.invoke(p, confidence=False)
+
+    def on_worker() -> None:
+        t = threading.Thread(target=sequential)
+        t.start()
+        t.join()
+
+    def concurrent() -> None:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda p: student.invoke(p, confidence=False), prompts))
+
+    arms = {"main thread": sequential, "worker thread": on_worker, "8 concurrent": concurrent}
+    times: dict[str, list[float]] = {k: [] for k in arms}
+    sequential()  # warm-up
+    for _ in range(args.repeats):
+        for name, fn in arms.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    out = {
+        "benchmark": "8 requests decoded on the main thread, a worker thread, and concurrently",
+        "command": f"python bench/thread_penalty.py --repeats {args.repeats}",
+        "machine": machine(),
+        "llama_cpp_python": llama_cpp.__version__,
+        "student": "random-weight llama, hidden 512, 8 layers, Q8_0",
+        "tokens_per_request": args.tokens,
+        "seconds": times,
+        "median_seconds": med,
+        "worker_over_main": med["worker thread"] / med["main thread"],
+        "concurrent_over_sequential": med["8 concurrent"] / med["main thread"],
+    }
+    rows = [[k, f"{v:.2f}", f"{v / med['main thread']:.2f}"] for k, v in med.items()]
+    print(table(["arm", "median s", "÷ main thread"], rows))
+    print(f"wrote {save('thread_penalty', out)}")
+
+
+if __name__ == "__main__":
+    main()
