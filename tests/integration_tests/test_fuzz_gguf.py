@@ -15,6 +15,7 @@ import select
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -52,18 +53,24 @@ class Worker:
     """A process answering load-and-ask requests; restarted when it dies."""
 
     def __init__(self) -> None:
+        self.log = tempfile.NamedTemporaryFile(prefix="gguf-worker-", suffix=".log")  # noqa: SIM115
         self.proc = self._start()
         self.deaths = 0
 
-    @staticmethod
-    def _start() -> subprocess.Popen[str]:
+    def _start(self) -> subprocess.Popen[str]:
+        self.log.seek(0)
+        self.log.truncate(0)
         return subprocess.Popen(
             [sys.executable, __file__],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,  # llama.cpp's load log
+            stderr=self.log,  # llama.cpp's load log, and its last words when it aborts
             text=True,
         )
+
+    def _last_words(self) -> str:
+        lines = Path(self.log.name).read_bytes().decode("utf-8", "replace").splitlines()
+        return next((ln for ln in reversed(lines) if "GGML_ASSERT" in ln or "error" in ln), "")
 
     def ask(self, path: Path) -> dict[str, Any]:
         """The outcome, or ``{"outcome": "died", "code": ...}`` when the process ended."""
@@ -79,13 +86,15 @@ class Worker:
             return dict(json.loads(line))
         code = self.proc.wait()
         self.deaths += 1
+        words = self._last_words()
         self.proc = self._start()
-        return {"outcome": "died", "code": code}
+        return {"outcome": "died", "code": code, "last_words": words}
 
     def close(self) -> None:
         if self.proc.stdin is not None:
             self.proc.stdin.close()
         self.proc.wait(30)
+        self.log.close()
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +158,7 @@ def test_any_damaged_gguf_answers_or_raises_and_the_process_survives(
         got = worker.ask(path)
         if got["outcome"] == "died":
             problem = _known_open(path)
-            assert problem is not None, f"llama.cpp killed the process (code {got['code']})"
+            assert problem is not None, f"llama.cpp killed the process: {got}"
             event("known open bug: llama.cpp aborts on a file gguf_problem refuses")
             return
         assert got["outcome"] in ("answer", "error"), got
