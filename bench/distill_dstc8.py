@@ -1,8 +1,9 @@
 """DSTC8 slot extraction (Buses_1 + Events_1): the teacher answers a JSON object of slot → value.
 
 One from-scratch student for both domains; the system line names the domain and the slots the
-assistant asked for. Answers are generated under a llama.cpp grammar built from the domain's JSON
-schema, so every output is valid JSON by construction; scored by exact match of the parsed object.
+assistant asked for. The same student is evaluated three ways: under the answer schema the job
+inferred from the traces (registered with the student; nothing hand-written), under a hand-written
+schema per domain, and with no grammar at all. Scored by exact match of the parsed object.
 
     .venv/bin/python bench/distill_dstc8.py [--minutes 8]
 """
@@ -101,34 +102,54 @@ def main() -> None:
     result = DistillJob(cfg).run(resume=args.resume)
     print(f"job: {result.status} {result.version} ({result.reason})")
     version = StudentRegistry(cfg.registry).get(result.version or "")
-    student = ChatStudent(model_path=version.path, n_ctx=256, max_tokens=96, n_threads=args.threads)
-    rows, per_domain = [], {}
-    for d in DOMAINS:
-        schema = {
-            "type": "object",
-            "properties": {s: {"type": "string"} for s in slots[d]},
-            "additionalProperties": False,
-        }
-        examples = []
-        for i, (msgs, answer, meta) in enumerate(test[d]):
-            conv = [SystemMessage(msgs[0]["content"]), HumanMessage(msgs[1]["content"])]
-            examples.append(Example(key=f"{d}-{i}", messages=conv, answer=answer, metadata=meta))
-        rep = evaluate_student(student, examples, json_schema=schema, desc=f"{d} test")
-        per_domain[d] = rep.summary()
-        rows.append(
-            [
-                d,
-                rep.n,
-                f"{rep.exact_match:.4f}",
-                f"{rep.field_accuracy or 0:.4f}",
-                f"{rep.valid_json:.3f}",
-                f"{rep.latency_ms_p50:.1f}",
-                f"{rep.latency_ms_p95:.1f}",
-            ]
+    inferred = ChatStudent.from_version(version, n_ctx=256, max_tokens=96, n_threads=args.threads)
+    assert inferred.answer_space is not None and inferred.answer_space.kind == "json"
+    free = inferred.model_copy(update={"answer_space": None})
+    rows, per_arm = [], {}
+    for arm in ("inferred", "hand-written", "no grammar"):
+        per_domain: dict[str, Any] = {}
+        for d in DOMAINS:
+            hand = {
+                "type": "object",
+                "properties": {s: {"type": "string"} for s in slots[d]},
+                "additionalProperties": False,
+            }
+            examples = []
+            for i, (msgs, answer, meta) in enumerate(test[d]):
+                conv = [SystemMessage(msgs[0]["content"]), HumanMessage(msgs[1]["content"])]
+                examples.append(
+                    Example(key=f"{d}-{i}", messages=conv, answer=answer, metadata=meta)
+                )
+            rep = evaluate_student(
+                free if arm == "no grammar" else inferred,
+                examples,
+                json_schema=hand if arm == "hand-written" else None,
+                desc=f"{d} test ({arm})",
+            )
+            per_domain[d] = rep.summary()
+            rows.append(
+                [
+                    arm,
+                    d,
+                    rep.n,
+                    f"{rep.exact_match:.4f}",
+                    f"{rep.field_accuracy or 0:.4f}",
+                    f"{rep.valid_json:.3f}",
+                    f"{rep.latency_ms_p50:.1f}",
+                    f"{rep.latency_ms_p95:.1f}",
+                ]
+            )
+            (work / f"test_rows_{d}_{arm.replace(' ', '_')}.jsonl").write_text(
+                "".join(json.dumps(r) + "\n" for r in rep.rows)
+            )
+        n_all = sum(per_domain[d]["n"] for d in DOMAINS)
+        per_domain["overall_exact_match"] = (
+            sum(per_domain[d]["exact_match"] * per_domain[d]["n"] for d in DOMAINS) / n_all
         )
-        (work / f"test_rows_{d}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rep.rows))
-    n_all = sum(per_domain[d]["n"] for d in DOMAINS)
-    overall = sum(per_domain[d]["exact_match"] * per_domain[d]["n"] for d in DOMAINS) / n_all
+        per_domain["overall_valid_json"] = (
+            sum(per_domain[d]["valid_json"] * per_domain[d]["n"] for d in DOMAINS) / n_all
+        )
+        per_arm[arm] = per_domain
     out = {
         "benchmark": "DSTC8 slot extraction (Buses_1 + Events_1), JSON answers under a grammar",
         "data": "DSTC8 span extraction (Coope et al. 2020), train_0 / test",
@@ -141,14 +162,15 @@ def main() -> None:
         "n_train": result.metrics.get("n_train"),
         "n_params": result.metrics.get("n_params"),
         "file_mb": version.path.stat().st_size / 1e6,
-        "test": per_domain,
-        "test_exact_match_overall": overall,
+        "inferred_schema": inferred.answer_space.schema,
+        "test": per_arm,
         "wall_seconds": time.perf_counter() - t0,
     }
-    print(
-        table(["domain", "n", "exact match", "field acc", "valid JSON", "p50 ms", "p95 ms"], rows)
-    )
-    print(f"overall exact match {overall:.4f}; wrote {save('distill_dstc8', out)}")
+    head = ["schema", "domain", "n", "exact match", "field acc", "valid JSON", "p50 ms", "p95 ms"]
+    print(table(head, rows))
+    for arm, r in per_arm.items():
+        print(f"{arm}: overall exact match {r['overall_exact_match']:.4f}")
+    print(f"wrote {save('distill_dstc8', out)}")
 
 
 if __name__ == "__main__":
