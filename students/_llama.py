@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import mmap
 import os
 from pathlib import Path
 from typing import Any
@@ -13,14 +14,92 @@ from langchain_understudy.errors import ArtifactError, ConfigError
 __all__ = ["diagnose_gguf", "gguf_problem", "llama_quantize", "load_llama"]
 
 
+#: Sizes of GGUF's fixed-size value types (type id → bytes); 8 is a string, 9 an array.
+_GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def _header_problem(data: bytes | mmap.mmap) -> str | None:
+    """Walk a GGUF header checking every count and length against the bytes that are left.
+
+    One flipped bit can turn a length into billions, and then both the ``gguf`` reader and
+    llama.cpp loop (or allocate) for as long as that says; this walk refuses such a header in
+    time proportional to the file.
+    """
+    import struct
+
+    size = len(data)
+    at = 0
+
+    def take(fmt: str) -> Any:
+        nonlocal at
+        n = struct.calcsize(fmt)
+        if at + n > size:
+            raise ValueError(f"the header ends early (byte {at} of {size})")
+        (value,) = struct.unpack_from(fmt, data, at)
+        at += n
+        return value
+
+    def string() -> None:
+        nonlocal at
+        n = take("<Q")
+        if n > size - at:
+            raise ValueError(f"a string at byte {at} claims {n} bytes")
+        at += n
+
+    def value(kind: int, depth: int = 0) -> None:
+        nonlocal at
+        if kind in _GGUF_SIZES:
+            take(f"<{ {1: 'B', 2: 'H', 4: 'I', 8: 'Q'}[_GGUF_SIZES[kind]] }")
+        elif kind == 8:
+            string()
+        elif kind == 9 and depth == 0:
+            inner, count = take("<I"), take("<Q")
+            least = _GGUF_SIZES.get(inner, 8)  # a string or an array takes 8 bytes at least
+            if count * least > size - at:
+                raise ValueError(f"an array at byte {at} claims {count} items")
+            if inner in _GGUF_SIZES:
+                at += count * least
+            else:
+                for _ in range(count):
+                    value(inner, depth + 1)
+        else:
+            raise ValueError(f"unknown value type {kind} at byte {at}")
+
+    try:
+        if take("<I") != 0x46554747:  # b"GGUF"
+            raise ValueError("bad magic")
+        version = take("<I")
+        if version not in (2, 3):
+            raise ValueError(f"unsupported GGUF version {version}")
+        n_tensors, n_kv = take("<Q"), take("<Q")
+        if n_tensors > size or n_kv > size:
+            raise ValueError(f"it claims {n_tensors} tensors and {n_kv} metadata keys")
+        for _ in range(n_kv):
+            string()
+            value(take("<I"))
+        for _ in range(n_tensors):
+            string()
+            dims = take("<I")
+            if not 1 <= dims <= 4:
+                raise ValueError(f"a tensor with {dims} dimensions")
+            for _ in range(dims):
+                take("<Q")
+            take("<I")
+            take("<Q")
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def gguf_problem(path: Path) -> str | None:
     """Say why a file is not a sound GGUF, or return ``None`` when its structure checks out.
 
-    Checks, without llama.cpp: the file exists and is a file, starts with the GGUF magic, its
-    header parses, every tensor's data lies inside the file, and the vocabulary (when present)
-    has as many token types and scores as tokens and no token twice. llama.cpp aborts the whole
-    process on some of these (a duplicated token trips an assertion in its vocabulary loader),
-    so a caller can run this first and raise a clear error instead.
+    Checks, without llama.cpp: the file exists and is a file, starts with the GGUF magic, every
+    count and length in its header fits in the file, every tensor's data lies inside the file,
+    and the vocabulary (when present) has as many token types and scores as tokens and no token
+    twice. llama.cpp aborts the whole process on some of these (a duplicated token trips an
+    assertion in its vocabulary loader) and loops for hours on others (a flipped bit that turns
+    a string into an array of billions), so a caller can run this first and raise a clear error.
     """
     if not path.exists():
         return f"{path} does not exist; check the path or run `understudy students list`"
@@ -36,6 +115,13 @@ def gguf_problem(path: Path) -> str | None:
             f"{path} is not a GGUF file (starts with {magic!r}); export a Hugging Face checkpoint "
             "with `understudy students export CKPT OUT.gguf`"
         )
+    try:
+        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            header = _header_problem(data)
+    except OSError as e:
+        return f"{path} cannot be read ({e.strerror or e}); check its permissions"
+    if header is not None:
+        return f"{path} is truncated or corrupt ({header}); re-export or re-copy it"
     import gguf
 
     try:

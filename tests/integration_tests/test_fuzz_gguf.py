@@ -72,15 +72,18 @@ class Worker:
         lines = Path(self.log.name).read_bytes().decode("utf-8", "replace").splitlines()
         return next((ln for ln in reversed(lines) if "GGML_ASSERT" in ln or "error" in ln), "")
 
-    def ask(self, path: Path) -> dict[str, Any]:
-        """The outcome, or ``{"outcome": "died", "code": ...}`` when the process ended."""
+    def ask(self, path: Path, timeout: float = ANSWER_TIMEOUT_S) -> dict[str, Any]:
+        """The outcome; ``{"outcome": "died", ...}`` when the process ended, ``{"outcome":
+        "hung"}`` when it had not answered after ``timeout`` seconds (it is then replaced)."""
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.proc.stdin.write(json.dumps({"path": str(path)}) + "\n")
         self.proc.stdin.flush()
-        ready, _, _ = select.select([self.proc.stdout], [], [], ANSWER_TIMEOUT_S)
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
         if not ready:
             self.proc.kill()
-            raise AssertionError(f"loading {path} hung for {ANSWER_TIMEOUT_S} s")
+            self.proc.wait()
+            self.proc = self._start()
+            return {"outcome": "hung", "seconds": timeout}
         line = self.proc.stdout.readline()
         if line:
             return dict(json.loads(line))
@@ -134,8 +137,8 @@ def damaged(draw: st.DrawFn, original: bytes) -> bytes:
 
 
 def _known_open(path: Path) -> str | None:
-    """A worker death that the Python-side check already diagnoses: llama.cpp aborted on a file
-    ``gguf_problem`` would have refused (fix: call it in ``load_llama`` before loading)."""
+    """A worker death or hang that the Python-side check already diagnoses: llama.cpp aborted
+    or looped on a file ``gguf_problem`` refuses (fix: call it in ``load_llama`` first)."""
     from langchain_understudy.students._llama import gguf_problem
 
     return gguf_problem(path)
@@ -156,10 +159,10 @@ def test_any_damaged_gguf_answers_or_raises_and_the_process_survives(
     def case(raw: bytes) -> None:
         path.write_bytes(raw)
         got = worker.ask(path)
-        if got["outcome"] == "died":
+        if got["outcome"] in ("died", "hung"):
             problem = _known_open(path)
-            assert problem is not None, f"llama.cpp killed the process: {got}"
-            event("known open bug: llama.cpp aborts on a file gguf_problem refuses")
+            assert problem is not None, f"llama.cpp killed or hung the process: {got}"
+            event(f"known open bug: llama.cpp {got['outcome']} on a file gguf_problem refuses")
             return
         assert got["outcome"] in ("answer", "error"), got
         if got["outcome"] == "error":
@@ -261,6 +264,38 @@ def test_found_duplicated_token_is_an_artifact_error_not_an_abort(
     bad = tmp_path / "dup.gguf"
     _duplicate_a_token(tiny_gguf, bad)
     got = worker.ask(bad)
+    assert got["outcome"] == "error" and got["type"] == "ArtifactError", got
+
+
+def _string_turned_array(src: Path, dst: Path) -> None:
+    """Copy ``src`` with one bit flipped: the first metadata value's type, string (8) → array (9).
+
+    The string's bytes are then read as an array header claiming billions of items.
+    """
+    raw = bytearray(src.read_bytes())
+    key_len = int.from_bytes(raw[24:32], "little")
+    at = 32 + key_len  # the value type of the first key-value pair
+    assert raw[at] == 8
+    raw[at] = 9
+    dst.write_bytes(bytes(raw))
+
+
+def test_found_string_turned_array_is_diagnosed_at_once(tiny_gguf: Path, tmp_path: Path) -> None:
+    # found by fuzzing: llama.cpp refuses it, and then the gguf reader behind diagnose_gguf
+    # looped for hours on it, so loading hung
+    from langchain_understudy.students._llama import diagnose_gguf
+
+    bad = tmp_path / "array.gguf"
+    _string_turned_array(tiny_gguf, bad)
+    assert "claims" in diagnose_gguf(bad)
+
+
+def test_found_string_turned_array_is_an_artifact_error_not_a_hang(
+    tiny_gguf: Path, tmp_path: Path, worker: Worker
+) -> None:
+    bad = tmp_path / "array.gguf"
+    _string_turned_array(tiny_gguf, bad)
+    got = worker.ask(bad, timeout=20)
     assert got["outcome"] == "error" and got["type"] == "ArtifactError", got
 
 
