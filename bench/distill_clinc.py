@@ -70,6 +70,7 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true", help="delete the work folder first")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (train and eval)")
     ap.add_argument("--resume", action="store_true", help="continue the last interrupted run")
+    ap.add_argument("--eval-threads", type=int, default=None, help="llama.cpp threads (evaluation)")
     ap.add_argument("--multi-turn", type=float, default=0.0, help="share of multi-turn traces")
     args = ap.parse_args()
 
@@ -132,7 +133,11 @@ def main() -> None:
         exemplars={"k": args.k, "distinct_by": "answer"},
         student=student,
         training=training,
-        package={"quant_types": ["Q8_0", "Q4_K_M"], "serve": "Q8_0"},
+        package={
+            "quant_types": ["Q8_0", "Q4_K_M"],
+            "serve": "Q8_0",
+            "eval_threads": args.eval_threads,
+        },
     )
     job = DistillJob(cfg, embeddings=emb)
     result = job.run(resume=args.resume)
@@ -143,7 +148,8 @@ def main() -> None:
     if args.limit_test:
         test = random.Random(1).sample(test, args.limit_test)
     examples = [
-        Example(key=f"test-{i}", messages=[HumanMessage(q)], answer=intent) for i, (q, intent) in test
+        Example(key=f"test-{i}", messages=[HumanMessage(q)], answer=intent)
+        for i, (q, intent) in test
     ]
     reg = StudentRegistry(cfg.registry)
     version = reg.get(result.version or "")
@@ -153,7 +159,11 @@ def main() -> None:
     for quant in ("Q8_0", "Q4_K_M"):
         gguf = run_dir / f"student.{quant}.gguf"
         st = ChatStudent.from_version(
-            version, embeddings=emb, n_ctx=recipe["n_ctx"], max_tokens=16, n_threads=args.threads
+            version,
+            embeddings=emb,
+            n_ctx=recipe["n_ctx"],
+            max_tokens=16,
+            n_threads=args.eval_threads or args.threads,
         ).model_copy(update={"model_path": gguf})
         if quant == "Q8_0":
             assert st.exemplars is not None
@@ -207,6 +217,7 @@ def main() -> None:
             + (f" --keep-layers {args.keep_layers}" if args.keep_layers else "")
             + (f" --lr {args.lr:g}" if args.lr else "")
             + (f" --limit-test {args.limit_test}" if args.limit_test else "")
+            + (f" --eval-threads {args.eval_threads}" if args.eval_threads else "")
         ),
         "machine": machine(),
         "train_minutes_budget": args.minutes,

@@ -46,6 +46,7 @@ def main() -> None:
         "--threads", type=int, default=None, help="CPU threads for training and evaluation"
     )
     ap.add_argument("--resume", action="store_true", help="continue the last interrupted job run")
+    ap.add_argument("--eval-threads", type=int, default=None, help="llama.cpp threads (evaluation)")
     args = ap.parse_args()
 
     from langchain_core.messages import HumanMessage, SystemMessage
@@ -97,12 +98,14 @@ def main() -> None:
             "save_every": 500,
             "threads": args.threads,
         },
-        package={"quant_types": ["Q8_0"], "serve": "Q8_0"},
+        package={"quant_types": ["Q8_0"], "serve": "Q8_0", "eval_threads": args.eval_threads},
     )
     result = DistillJob(cfg).run(resume=args.resume)
     print(f"job: {result.status} {result.version} ({result.reason})")
     version = StudentRegistry(cfg.registry).get(result.version or "")
-    inferred = ChatStudent.from_version(version, n_ctx=256, max_tokens=96, n_threads=args.threads)
+    inferred = ChatStudent.from_version(
+        version, n_ctx=256, max_tokens=96, n_threads=args.eval_threads or args.threads
+    )
     assert inferred.answer_space is not None and inferred.answer_space.kind == "json"
     free = inferred.model_copy(update={"answer_space": None})
     rows, per_arm = [], {}
@@ -154,7 +157,10 @@ def main() -> None:
         "benchmark": "DSTC8 slot extraction (Buses_1 + Events_1), JSON answers under a grammar",
         "data": "DSTC8 span extraction (Coope et al. 2020), train_0 / test",
         "teacher": "gold slot spans stand in for the teacher's JSON answers",
-        "command": f"python bench/distill_dstc8.py --minutes {args.minutes:g}",
+        "command": (
+            f"python bench/distill_dstc8.py --minutes {args.minutes:g} --threads {args.threads}"
+            f" --eval-threads {args.eval_threads}"
+        ),
         "machine": machine(),
         "train_threads": args.threads,
         "train_seconds": result.metrics.get("train_seconds"),

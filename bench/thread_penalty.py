@@ -11,6 +11,7 @@ it with ``-DGGML_OPENMP=OFF`` (ggml's own thread pool). This benchmark checks th
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import threading
@@ -55,6 +56,9 @@ def main() -> None:
     student = ChatStudent(
         model_path=gguf, n_ctx=512, max_tokens=args.tokens, n_threads=args.threads, stop=["\x00"]
     ).load()
+    one_thread = ChatStudent(
+        model_path=gguf, n_ctx=512, max_tokens=args.tokens, n_threads=1, stop=["\x00"]
+    ).load()
     prompts = [f"request {i}: how much is plan {i}?" for i in range(8)]
 
     def sequential() -> None:
@@ -70,7 +74,16 @@ def main() -> None:
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(lambda p: student.invoke(p, confidence=False), prompts))
 
-    arms = {"main thread": sequential, "worker thread": on_worker, "8 concurrent": concurrent}
+    def single_threaded() -> None:
+        for p in prompts:
+            one_thread.invoke(p, confidence=False)
+
+    arms = {
+        "main thread": sequential,
+        "worker thread": on_worker,
+        "8 concurrent": concurrent,
+        "main thread, n_threads=1": single_threaded,
+    }
     times: dict[str, list[float]] = {k: [] for k in arms}
     sequential()  # warm-up
     for _ in range(args.repeats):
@@ -90,6 +103,8 @@ def main() -> None:
         "median_seconds": med,
         "worker_over_main": med["worker thread"] / med["main thread"],
         "concurrent_over_sequential": med["8 concurrent"] / med["main thread"],
+        "one_thread_over_all_threads": med["main thread, n_threads=1"] / med["main thread"],
+        "load_average": os.getloadavg(),
     }
     rows = [[k, f"{v:.2f}", f"{v / med['main thread']:.2f}"] for k, v in med.items()]
     print(table(["arm", "median s", "÷ main thread"], rows))

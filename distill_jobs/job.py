@@ -7,7 +7,6 @@ import logging
 import os
 import shutil
 import time
-import tomllib
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -18,7 +17,8 @@ from typing import Any, Literal
 from filelock import FileLock, Timeout
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from langchain_understudy.config import FactSelection, QuantType, TeacherSettings
+from langchain_understudy.config import FactSelection, QuantType, TeacherSettings, read_toml
+from langchain_understudy.distill_jobs._distributed import ranks_from_env
 from langchain_understudy.distill_jobs.dataset import (
     Example,
     FactLookup,
@@ -160,6 +160,9 @@ class PackageSection(_Section):
     """Types built; each is evaluated."""
     serve: QuantType = "Q8_0"
     """The type registered and served (must be in ``quant_types`` or be the export dtype)."""
+    eval_threads: int | None = Field(default=None, ge=1)
+    """llama.cpp threads for the held-out evaluation (``None``: ``training.threads``). On a
+    machine busy with other work, fewer threads than cores avoid llama.cpp's spin-wait cliff."""
     answer_schema: str = "infer"
     """The shape the student answers in, applied as a grammar when serving: ``"infer"`` derives
     it from the training answers (a closed label set, a JSON schema, or free text),
@@ -264,14 +267,15 @@ class DistillConfig(_Section):
     def from_toml(cls, path: str | os.PathLike[str]) -> DistillConfig:
         """Load a job file; relative paths are relative to the file."""
         p = Path(path)
-        try:
-            data = tomllib.loads(p.read_text(encoding="utf-8"))
-        except FileNotFoundError as e:
-            msg = f"job config {p} does not exist"
-            raise ConfigError(msg) from e
-        except tomllib.TOMLDecodeError as e:
-            msg = f"job config {p} is not valid TOML: {e}"
-            raise ConfigError(msg) from e
+        data = read_toml(p, "job config", "write one with `understudy distill init`")
+        for key in ("traces", "registry", "work_dir"):
+            if key in data and not isinstance(data[key], str):
+                msg = f"invalid job config {p}: {key} must be a path string, got {data[key]!r}"
+                raise ConfigError(msg)
+        for table in ("knowledge", "student", "teacher", "package", "exemplars"):
+            if table in data and not isinstance(data[table], dict):
+                msg = f"invalid job config {p}: [{table}] must be a table, got {data[table]!r}"
+                raise ConfigError(msg)
         base = p.resolve().parent
         for key in ("traces", "registry", "work_dir"):
             if key in data:
@@ -281,8 +285,9 @@ class DistillConfig(_Section):
             ("student", "base_checkpoint"),
             ("teacher", "path"),
         ):
-            if data.get(section, {}).get(key):
-                data[section][key] = str(base / Path(data[section][key]).expanduser())
+            value = data.get(section, {}).get(key)
+            if isinstance(value, str) and value:
+                data[section][key] = str(base / Path(value).expanduser())
         schema_file = data.get("package", {}).get("answer_schema")
         if isinstance(schema_file, str) and schema_file not in ("infer", "off"):
             data["package"]["answer_schema"] = str(base / Path(schema_file).expanduser())
@@ -360,6 +365,7 @@ class DistillJob:
         self.progress = progress
         self.work_dir = Path(config.work_dir)
         self._train_vectors: Any = None
+        self.ranks = ranks_from_env()
 
     # -- state ----------------------------------------------------------------------------------
     def _lock(self) -> FileLock:
@@ -482,8 +488,9 @@ class DistillJob:
         self._train_vectors = self._embed_queries(train)
         if self.config.exemplars is not None:
             self._attach_exemplars(run_dir, train, held)
-        _write_examples(run_dir / "train.jsonl", train)
-        _write_examples(run_dir / "heldout.jsonl", held)
+        if self.ranks.main:
+            _write_examples(run_dir / "train.jsonl", train)
+            _write_examples(run_dir / "heldout.jsonl", held)
         return train, held, dropped
 
     def _embed_queries(self, examples: Sequence[Example]) -> Any:
@@ -522,7 +529,8 @@ class DistillJob:
         for ex, exemplars in zip([*train, *held], found, strict=True):
             ex.exemplars = exemplars
             ex.render(self.config.system)
-        memory.save(run_dir)
+        if self.ranks.main:
+            memory.save(run_dir)
 
     def _train_settings(self) -> Any:
         from langchain_understudy.distill_jobs.training import LoraSettings, TrainSettings
@@ -553,6 +561,9 @@ class DistillJob:
             JobLockedError: another run of this job is in progress.
             ConfigError: too few examples, or an invalid configuration.
         """
+        self.ranks = ranks_from_env()
+        if not self.ranks.main:  # rank 0 holds the lock for the whole launch
+            return self._run_locked(resume)
         lock = self._lock()
         try:
             lock.acquire()
@@ -601,7 +612,9 @@ class DistillJob:
     def _run_locked(self, resume: bool) -> JobResult:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        relabelled = self._relabel()
+        ranks = self.ranks
+        relabelled = self._relabel() if ranks.main else None
+        ranks.wait()  # other ranks read the traces rank 0 may just have relabelled
         if relabelled is not None:
             timings["relabel"] = time.perf_counter() - t0
             t0 = time.perf_counter()
@@ -609,19 +622,22 @@ class DistillJob:
         if not traces:
             return JobResult("skipped", "no new traces since the last build")
         run_dir = self._resumable_run() if resume else None
-        if run_dir is None:
+        if run_dir is None and ranks.main:
             stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
             run_dir = self.work_dir / f"{self.config.name}-{stamp}-{snapshot[:8]}"
             run_dir.mkdir(parents=True)
+        run_dir = Path(ranks.share(str(run_dir)))
         state = self._state(run_dir)
         state.setdefault("snapshot", snapshot)
         state.setdefault("traces_until", until)
-        self._save_state(run_dir, state)
-        (run_dir / "config.json").write_text(self.config.model_dump_json(indent=2))
+        if ranks.main:
+            self._save_state(run_dir, state)
+            (run_dir / "config.json").write_text(self.config.model_dump_json(indent=2))
 
         train, held, dropped = self._dataset(run_dir, traces)
         space = self._answer_space(train)
-        space.save(run_dir / ANSWER_SPACE_FILE)
+        if ranks.main:
+            space.save(run_dir / ANSWER_SPACE_FILE)
         timings["dataset"] = time.perf_counter() - t0
 
         from langchain_understudy.distill_jobs.training import TrainResult, plot_loss, train_student
@@ -637,6 +653,9 @@ class DistillJob:
                 resume=resume,
                 progress_bar=self.progress,
             )
+        if not ranks.main:
+            why = f"rank {ranks.rank} of {ranks.world} trained; rank 0 packages and registers"
+            return JobResult("skipped", why, run_dir)
         plot_loss(
             result.losses, run_dir / "loss.png", title=f"{self.config.name}: distillation loss"
         )
@@ -712,6 +731,7 @@ class DistillJob:
             "final_loss": result.final_loss,
             "n_params": result.n_params,
             "n_trainable": result.n_trainable,
+            "world_size": result.world_size,
             "dropped": dropped,
             "relabel": relabelled,
             "answer_space": {"kind": space.kind, "n_labels": len(space.labels), **space.stats},
@@ -786,7 +806,7 @@ class DistillJob:
         """``ChatStudent`` options for evaluating on the held-out set, as it will be served."""
         return {
             "n_ctx": self._n_ctx(),
-            "n_threads": self.config.training.threads,
+            "n_threads": self.config.package.eval_threads or self.config.training.threads,
             "max_tokens": self._max_answer_tokens(held),
             "system_prompt": self.config.system,
             "json_schema": self.config.json_schema,

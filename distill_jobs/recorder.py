@@ -457,7 +457,8 @@ class TraceRecorder(BaseCallbackHandler):
         if lost:
             msg = (
                 f"{lost} traces could not be written to {self.store.path} (last error: {last}); "
-                "check free disk space and that the store file is writable"
+                "the others were; for I/O errors check free disk space and that the store file "
+                "is writable"
             )
             raise TraceError(msg)
 

@@ -186,7 +186,7 @@ def _semantic(message_dict: Mapping[str, Any]) -> dict[str, Any]:
 
 def _hash_dicts(prompt: Sequence[Mapping[str, Any]], answer: Mapping[str, Any]) -> str:
     payload = _canonical({"m": [_semantic(d) for d in prompt], "a": _semantic(answer)})
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+    return hashlib.sha256(payload.encode("utf-8", errors="surrogatepass")).hexdigest()
 
 
 def content_hash(messages: Sequence[BaseMessage], answer: BaseMessage) -> str:
@@ -208,8 +208,13 @@ def _row(
     parent_run_id: str | None,
     error: str | None,
 ) -> tuple[Any, ...]:
-    """One database row from messages already in ``message_to_dict`` form."""
-    return (
+    """One database row from messages already in ``message_to_dict`` form.
+
+    Raises:
+        TraceError: a text holds a lone UTF-16 surrogate, which SQLite cannot store (refused
+            here, so a recorder drops this trace and keeps the rest of its batch).
+    """
+    row = (
         id,
         _iso(created_at),
         _dumps(prompt),
@@ -223,6 +228,17 @@ def _row(
         error,
         _hash_dicts(prompt, answer),
     )
+    for col in row:
+        if isinstance(col, str):
+            try:
+                col.encode("utf-8")
+            except UnicodeEncodeError as e:
+                msg = (
+                    f"trace {id} holds a lone UTF-16 surrogate (U+{ord(col[e.start]):04X}), "
+                    "which is not valid Unicode; it is not stored"
+                )
+                raise TraceError(msg) from None
+    return row
 
 
 def snapshot_hash(traces: Iterable[Trace]) -> str:

@@ -88,6 +88,7 @@ class TrainResult:
     n_skipped_long: int
     n_params: int
     n_trainable: int | None = None
+    world_size: int = 1
 
     def save(self, out_dir: Path) -> None:
         """Record the result next to the checkpoint so a resumed job can skip training."""
@@ -425,15 +426,20 @@ def train_student(
     )
     trainer.train(resume_from_checkpoint=str(ckpts[-1]) if resume and ckpts else None)
     final = out / "final"
-    final.mkdir(parents=True, exist_ok=True)
+    main = trainer.is_world_process_zero()  # under DDP only rank 0 writes the checkpoint
+    if main:
+        final.mkdir(parents=True, exist_ok=True)
     if settings.lora is not None:
         # adapters merged into the base weights: the export sees a plain llama checkpoint
         peft_model: Any = trainer.model
-        peft_model.merge_and_unload().save_pretrained(str(final))
+        merged = peft_model.merge_and_unload()
+        if main:
+            merged.save_pretrained(str(final))
     else:
         trainer.save_model(str(final))
-    tok.save_pretrained(str(final))
-    if settings.base_checkpoint:
+    if main:
+        tok.save_pretrained(str(final))
+    if main and settings.base_checkpoint:
         # a GGUF base's own tokenizer metadata travels with the checkpoint to the export
         from langchain_understudy.students.export import TOKENIZER_METADATA_FILE
 
@@ -451,8 +457,10 @@ def train_student(
         n_skipped_long=len(encoded) - len(data),
         n_params=n_params,
         n_trainable=n_trainable,
+        world_size=int(args.world_size),
     )
-    result.save(out)
+    if main:
+        result.save(out)
     return result
 
 

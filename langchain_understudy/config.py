@@ -257,6 +257,30 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     return out
 
 
+def read_toml(path: Path, what: str, create_hint: str) -> dict[str, Any]:
+    """Read a TOML file, turning every way it can be unreadable into a :class:`ConfigError`.
+
+    Args:
+        path: The file.
+        what: How messages name it ("config file", "job config").
+        create_hint: What to do when it does not exist.
+    """
+    try:
+        return tomllib.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError as e:
+        msg = f"{what} {path} does not exist; {create_hint}"
+        raise ConfigError(msg) from e
+    except (OSError, UnicodeDecodeError) as e:
+        msg = f"{what} {path} cannot be read as UTF-8 text: {e}"
+        raise ConfigError(msg) from e
+    except RecursionError as e:
+        msg = f"{what} {path} nests arrays or tables too deeply to read; flatten it"
+        raise ConfigError(msg) from e
+    except (tomllib.TOMLDecodeError, ValueError) as e:  # ValueError: over-long integers
+        msg = f"{what} {path} is not valid TOML: {e}"
+        raise ConfigError(msg) from e
+
+
 def load_config(path: str | os.PathLike[str] | None = None) -> UnderstudyConfig:
     """Load the configuration from a TOML file, then apply ``UNDERSTUDY_*`` overrides.
 
@@ -269,14 +293,7 @@ def load_config(path: str | os.PathLike[str] | None = None) -> UnderstudyConfig:
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
-        try:
-            data = tomllib.loads(p.read_text(encoding="utf-8"))
-        except FileNotFoundError as e:
-            msg = f"config file {p} does not exist; create one with `understudy init {p}`"
-            raise ConfigError(msg) from e
-        except tomllib.TOMLDecodeError as e:
-            msg = f"config file {p} is not valid TOML: {e}"
-            raise ConfigError(msg) from e
+        data = read_toml(p, "config file", f"create one with `understudy init {p}`")
         data = _resolve_paths(data, p.resolve().parent)
     try:
         return _from_file_then_env(data)

@@ -25,6 +25,16 @@ def to_timestamp(value: object, *, what: str = "as_of") -> float:
     Raises:
         ConfigError: ``value`` is none of the above.
     """
+    ts = _to_timestamp(value, what)
+    try:
+        from_timestamp(ts).isoformat()  # every stored time must read back
+    except (OverflowError, ValueError, OSError) as e:
+        msg = f"{what} {value!r} is outside the times this store can represent (years 1-9999)"
+        raise ConfigError(msg) from e
+    return ts
+
+
+def _to_timestamp(value: object, what: str) -> float:
     if isinstance(value, bool):
         pass  # a bool is an int to Python, never a time to a user
     elif isinstance(value, int | float):

@@ -408,7 +408,7 @@ class RoutingFlow:
         r = self.request
         convo = json.dumps(
             [[m.type, message_text(m)] for m in r.messages], ensure_ascii=False
-        ).encode("utf-8")
+        ).encode("utf-8", errors="surrogatepass")  # a lone surrogate still hashes
         return {
             "time": self._now().isoformat(timespec="milliseconds"),
             "run_id": r.run_id,

@@ -126,6 +126,11 @@ class _Pool:
         return item
 
 
+def _utf8(text: str) -> bytes:
+    """UTF-8 for llama.cpp; a lone UTF-16 surrogate (not valid Unicode) becomes ``?``."""
+    return text.encode("utf-8", errors="replace")
+
+
 def _cap_strings(schema: Any, limit: int) -> Any:
     """Return a copy of a JSON schema with ``maxLength`` on every unbounded string."""
     if isinstance(schema, list):
@@ -365,7 +370,7 @@ class ChatStudent(BaseChatModel):
         pool = self._get_pool()
         llm = pool.acquire()
         try:
-            return len(llm.tokenize(text.encode("utf-8"), add_bos=True, special=True))
+            return len(llm.tokenize(_utf8(text), add_bos=True, special=True))
         finally:
             pool.release(llm)
 
@@ -417,7 +422,7 @@ class ChatStudent(BaseChatModel):
         reserve = min(max_tokens, max(1, self.n_ctx // 4))
         while True:
             text = render_prompt(msgs, facts, system=self.system_prompt, exemplars=exemplars)
-            tokens = llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+            tokens = llm.tokenize(_utf8(text), add_bos=True, special=True)
             if len(tokens) + reserve <= self.n_ctx:
                 return tokens, dropped
             droppable = [i for i, m in enumerate(msgs[:-1]) if not isinstance(m, SystemMessage)]

@@ -4,21 +4,20 @@ blocks, unknown block types, tool calls and results, named and custom roles), an
 and empty. Each answer is an ``AIMessage`` with text, or an ``UnderstudyError``; every teacher
 answer is recorded and the traces stored before are all still there.
 
-Bugs found in code owned elsewhere are pinned by ``xfail(strict=True)`` tests at the end.
+Cases the fuzzing found are kept as regression tests at the end.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from _understudy_fakes import FakeTeacher
-from hypothesis import event, given
+from hypothesis import given
 from hypothesis import strategies as st
 from langchain_core.messages import (
     AIMessage,
@@ -90,27 +89,11 @@ def _has_surrogate(messages: list[BaseMessage]) -> bool:
     return any(0xD800 <= ord(c) <= 0xDFFF for c in text)
 
 
-def _known_open(e: BaseException) -> str | None:
-    """The known bug behind an exception (see the xfail tests), or ``None``."""
-    frames = [f.name for f in traceback.extract_tb(e.__traceback__)]
-    if isinstance(e, UnicodeEncodeError) and "_prompt_tokens" in frames:
-        return "lone surrogate reaches the tokenizer"
-    if isinstance(e, UnicodeEncodeError) and "audit_record" in frames:
-        return "lone surrogate reaches the router's audit hash"
-    return None
-
-
 def _check_answer(llm: Any, messages: list[BaseMessage]) -> AIMessage | None:
     try:
         answer = llm.invoke(messages)
     except UnderstudyError as e:
         assert str(e)
-        return None
-    except Exception as e:
-        known = _known_open(e)
-        if known is None:
-            raise
-        event(f"known open bug: {known}")
         return None
     assert isinstance(answer, AIMessage) and isinstance(answer.content, str)
     return answer
@@ -150,10 +133,6 @@ def test_student_answers_any_conversation_or_raises(student: ChatStudent) -> Non
                 text = "".join(str(c.content) for c in student.stream(messages))
             except UnderstudyError:
                 return
-            except Exception as e:
-                if _known_open(e) is None:
-                    raise
-                return
             assert isinstance(text, str)
         else:
             _check_answer(student, messages)
@@ -188,8 +167,8 @@ def test_understudy_routes_any_conversation_and_records_teacher_answers(
         answer = _check_answer(llm, messages)
         try:
             recorder.flush()
-        except TraceError as e:  # the known bug below: SQLite cannot hold a lone surrogate
-            assert _has_surrogate(messages) and "surrogates" in str(e), e
+        except TraceError as e:  # a lone surrogate: that trace alone is not stored
+            assert _has_surrogate(messages) and "surrogate" in str(e), e
         if answer is None:
             return
         meta = answer.response_metadata["understudy"]
@@ -201,7 +180,7 @@ def test_understudy_routes_any_conversation_and_records_teacher_answers(
         case()
     finally:
         recorder.close()
-    # only traces SQLite cannot hold are dropped (the known bug below), one per conversation
+    # only traces SQLite cannot hold (lone surrogates) are dropped, one per conversation
     assert recorder.dropped <= with_surrogates
 
 
@@ -210,12 +189,6 @@ def test_understudy_routes_any_conversation_and_records_teacher_answers(
 LONE = "what is \ud800 this"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="students/chat_models.py _prompt_tokens encodes the prompt with text.encode('utf-8'): "
-    "a lone surrogate raises UnicodeEncodeError; fix: encode with errors='replace' there (and in "
-    "count_tokens), or raise StudentError naming the message",
-)
 @pytest.mark.parametrize(
     "messages",
     [
@@ -233,12 +206,6 @@ def test_found_lone_surrogate_is_answered_or_a_student_error(
         pass
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="router/_flow.py audit_record hashes the conversation with .encode('utf-8'): a lone "
-    "surrogate raises UnicodeEncodeError for every routed call, whoever answers; fix: encode "
-    "with errors='surrogatepass' for the hash",
-)
 @pytest.mark.parametrize("threshold", [0.0, 1.0])
 def test_found_lone_surrogate_is_routed(student: ChatStudent, threshold: float) -> None:
     llm = ChatUnderstudy(student=student, teacher=FakeTeacher(), router=Router(threshold=threshold))
@@ -249,20 +216,14 @@ def test_found_lone_surrogate_is_routed(student: ChatStudent, threshold: float) 
     assert answer.response_metadata["understudy"]["answered_by"] in ("student", "teacher")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="distill_jobs/traces.py _row (used by TraceRecorder) writes a lone surrogate into "
-    "SQLite, whose UnicodeEncodeError drops the recorder's whole batch; fix: in _row, check "
-    "that the JSON columns encode as UTF-8 and raise TraceError (TraceRecorder._to_rows then "
-    "drops only that trace)",
-)
 def test_found_lone_surrogate_trace_does_not_drop_its_batch(tmp_path: Path) -> None:
     recorder = TraceRecorder(tmp_path / "t.sqlite", redact=False, flush_interval=10.0)
     teacher = FakeTeacher(callbacks=[recorder])
     teacher.invoke([HumanMessage("good one")])
     teacher.invoke([HumanMessage(LONE)])
     teacher.invoke([HumanMessage("good two")])
-    recorder.flush()
+    with pytest.raises(TraceError, match="surrogate"):  # the one trace SQLite cannot hold
+        recorder.flush()
     recorder.close()
     with TraceStore(tmp_path / "t.sqlite") as s:
         assert s.count() == 2

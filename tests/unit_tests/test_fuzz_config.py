@@ -1,9 +1,6 @@
 """Generated ``understudy.toml`` and job TOML files: the starter config and the tiny job edited
 anywhere (values of other types, removed keys, unknown keys, tables turned into values), cut,
 bit-flipped, non-UTF-8, deeply nested. Loading returns a config or raises ``ConfigError``.
-
-Bugs found in code this suite does not own are pinned by ``xfail(strict=True)`` tests below (they
-fail loudly once fixed, so the exclusion in the property can then be dropped).
 """
 
 from __future__ import annotations
@@ -11,14 +8,13 @@ from __future__ import annotations
 import math
 import os
 import tomllib
-import traceback
 from datetime import date, datetime, time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import tiny_job_toml
-from hypothesis import event, given
+from hypothesis import given
 from hypothesis import strategies as st
 from test_fuzz_strategies import broken_bytes, fuzz_settings, json_values, mutate
 
@@ -124,34 +120,11 @@ def toml_files(draw: st.DrawFn, base: dict[str, Any]) -> bytes:
     return text.encode() + b"\nextra = " + b"[" * depth + b"1" + b"]" * depth + b"\n"
 
 
-# -- bugs found in code owned elsewhere (see the xfail tests below) ----------------------------
-
-
-def _known_open(e: BaseException) -> str | None:
-    """Name the known bug behind an exception a loader should have turned into ConfigError."""
-    frames = [f.name for f in traceback.extract_tb(e.__traceback__)]
-    if isinstance(e, UnicodeDecodeError) and "read_text" in frames:
-        return "non-UTF-8 file"
-    if isinstance(e, RecursionError):
-        return "deep nesting"
-    if isinstance(e, ValueError) and "integer string conversion" in str(e):
-        return "over-long integer"
-    if isinstance(e, (AttributeError, TypeError)) and "from_toml" in frames:
-        return "job table or path of the wrong type"
-    return None
-
-
 def _load(loader: Any, path: Path) -> Any:
     try:
         return loader(path)
     except ConfigError as e:
         assert str(e)
-        return None
-    except Exception as e:
-        known = _known_open(e)
-        if known is None:
-            raise
-        event(f"known open bug: {known}")
         return None
 
 
@@ -202,14 +175,8 @@ def test_any_job_toml_loads_or_raises_config_error(tmp_path: Path) -> None:
     case()
 
 
-# -- cases the fuzzing found, kept as regression tests -----------------------------------------
-# Fix for all of them, in langchain_understudy/config.py `load_config` and in
-# distill_jobs/job.py `DistillConfig.from_toml`: read with `p.read_bytes().decode("utf-8")`
-# inside the existing try, and catch `UnicodeDecodeError`, `RecursionError` and `ValueError`
-# (over-long integers) next to `TOMLDecodeError`, each re-raised as ConfigError ("is not valid
-# UTF-8 TOML: ..."); in from_toml, check that `traces`/`registry`/`work_dir` are strings and that
-# `knowledge`/`student`/`teacher` are tables before resolving paths (else ConfigError naming the
-# key; pydantic then reports other wrong types).
+# -- cases the fuzzing found, kept as regression tests (config.read_toml and from_toml's type
+# checks turn each into a ConfigError) --------------------------------------------------------
 
 _CONFIG_BUGS = {
     "non-utf8": STARTER_CONFIG.encode() + b"\n# caf\xe9\n",
@@ -227,10 +194,6 @@ _JOB_BUGS = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="config.py load_config lets UnicodeDecodeError/RecursionError/ValueError escape",
-)
 @pytest.mark.parametrize("name", sorted(_CONFIG_BUGS))
 def test_found_bad_understudy_toml_is_a_config_error(tmp_path: Path, name: str) -> None:
     path = tmp_path / "understudy.toml"
@@ -239,10 +202,6 @@ def test_found_bad_understudy_toml_is_a_config_error(tmp_path: Path, name: str) 
         load_config(path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="job.py DistillConfig.from_toml lets decoding, nesting and type errors escape",
-)
 @pytest.mark.parametrize("name", sorted(_JOB_BUGS))
 def test_found_bad_job_toml_is_a_config_error(tmp_path: Path, name: str) -> None:
     path = tmp_path / "job.toml"

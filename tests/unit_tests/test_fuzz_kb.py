@@ -265,13 +265,6 @@ def test_found_case_is_skipped_with_a_reason(
     assert _kept(store, seeded) == len(seeded) + 1 + (name.startswith("record"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="retrieval/_time.py to_timestamp accepts epoch seconds and times that datetime cannot "
-    "turn back into ISO, so KnowledgeStore.upsert stores a fact every later read fails on; fix: "
-    "in to_timestamp, round-trip through from_timestamp and raise ConfigError on "
-    "OverflowError/ValueError/OSError",
-)
 @pytest.mark.parametrize("as_of", [1e300, "0001-01-01T00:00:00+01:00"])
 def test_found_out_of_range_as_of_through_upsert_is_refused_or_readable(
     tmp_path: Path, as_of: Any

@@ -1,0 +1,61 @@
+"""The job under ``torchrun`` / ``accelerate launch``: every rank trains, rank 0 does the rest.
+
+Each rank runs the same command. Rank 0 takes the job lock, relabels, picks the run folder and
+writes every file; all ranks build the same dataset from the same traces (deterministic) and train
+together through ``Trainer`` (DDP); after training only rank 0 exports, evaluates and registers.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+__all__ = ["Ranks", "ranks_from_env"]
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in a distributed launch (``rank 0 of 1`` when not launched so)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        """Whether this process packages and registers (rank 0)."""
+        return self.rank == 0
+
+    def _group(self) -> None:
+        import torch
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+    def share(self, value: str) -> str:
+        """Rank 0's ``value`` on every rank (the run folder, chosen once)."""
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        self._group()
+        box = [value if self.main else None]
+        dist.broadcast_object_list(box, src=0)  # a path string between ranks of one launch
+        return str(box[0])
+
+    def wait(self) -> None:
+        """Block until every rank gets here (rank 0 has finished what others read)."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        self._group()
+        dist.barrier()
+
+
+def ranks_from_env() -> Ranks:
+    """Read ``RANK`` / ``WORLD_SIZE`` as set by torchrun and accelerate."""
+    try:
+        return Ranks(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return Ranks()
