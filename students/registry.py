@@ -268,7 +268,11 @@ class StudentRegistry:
         json.dumps(dict(provenance or {}), default=str)  # fail early on unserialisable input
         with self._lock:
             data = self._read()
-            n = 1 + max((int(v[1:]) for v in data["versions"]), default=0)
+            # A folder the index no longer lists (an edited or restored registry.json) keeps
+            # its number: a new version never lands on an existing folder.
+            on_disk = (p.name for p in (self.root / "versions").glob("v*"))
+            taken = [int(v[1:]) for v in (*data["versions"], *on_disk) if _VERSION.fullmatch(v)]
+            n = 1 + max(taken, default=0)
             version = f"v{n}"
             folder = self.root / "versions" / version
             staging = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=self.root))

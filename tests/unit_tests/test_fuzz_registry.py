@@ -287,6 +287,22 @@ def test_found_unreadable_index_is_an_artifact_error(
         StudentRegistry(root).list()
 
 
+def test_found_register_after_an_index_lost_a_version_keeps_its_folder(
+    pristine: Path, tmp_path: Path
+) -> None:
+    # found by fuzzing: with v3 gone from registry.json, register chose v3 again and failed on
+    # the existing versions/v3 folder (OSError: Directory not empty)
+    root = tmp_path / "students"
+    shutil.copytree(pristine, root)
+    index = root / "registry.json"
+    data = json.loads(index.read_text())
+    del data["versions"]["v3"]
+    index.write_text(json.dumps(data))
+    kept = (root / "versions" / "v3" / "student.gguf").read_bytes()
+    added = StudentRegistry(root).register(_gguf(tmp_path / "n.gguf", b"n"))
+    assert added == "v4" and (root / "versions" / "v3" / "student.gguf").read_bytes() == kept
+
+
 def test_found_artifact_replaced_by_a_folder_is_an_artifact_error(
     pristine: Path, tmp_path: Path
 ) -> None:
