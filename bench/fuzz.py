@@ -137,6 +137,7 @@ def run_entry(key: str, cases: int) -> dict[str, Any]:
     return {
         "entry_point": label,
         "files": present,
+        "cases_target": cases,
         "properties": n_props,
         "examples_per_property": per_property,
         "cases": got["cases"],
@@ -164,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         return _child(args.child, 0, args.out)
 
     path = RESULTS / "fuzz.json"
+    if not args.only and path.exists():
+        path.unlink()  # a full run starts a fresh file
     entries: dict[str, Any] = {}
     load_before = os.getloadavg()
     for key in args.only or list(ENTRY_POINTS):
@@ -171,7 +174,20 @@ def main(argv: list[str] | None = None) -> int:
         entries[key] = run_entry(key, args.cases)
         e = entries[key]
         print(f"  {e['cases']} cases, {e['failures']} failures, {e['seconds']} s", flush=True)
-    if args.only and path.exists():  # read just before writing: runs of other entry points
+        result = _save(path, entries, args, argv, load_before)  # after each: a long run keeps
+    print(table(*_table(result)))
+    print(f"wrote {path}")
+    return 0 if all(e["failures"] == 0 for e in result["entries"].values()) else 1
+
+
+def _save(
+    path: Path,
+    entries: dict[str, Any],
+    args: argparse.Namespace,
+    argv: list[str] | None,
+    load_before: tuple[float, float, float],
+) -> dict[str, Any]:
+    if path.exists():  # read just before writing: other runs may have added entry points
         entries = {**json.loads(path.read_text()).get("entries", {}), **entries}
     result = {
         "command": "python bench/fuzz.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -187,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _table(result: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     rows = [
         [
             e["entry_point"],
@@ -200,9 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     headers = ["entry point", "cases", "failures (this run)", "found and fixed",
                "found, open elsewhere", "time (s)"]  # fmt: skip
-    print(table(headers, rows))
-    print(f"wrote {path}")
-    return 0 if all(e["failures"] == 0 for e in result["entries"].values()) else 1
+    return headers, rows
 
 
 if __name__ == "__main__":
