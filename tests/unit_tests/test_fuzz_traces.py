@@ -144,12 +144,13 @@ def _depth(value: Any) -> int:
 
 def _good_traces(data: bytes) -> dict[str, Trace]:
     """The lines a correct import must store: valid UTF-8 JSON in the documented format, nested
-    at most ``MAX_JSON_DEPTH`` levels deep."""
+    at most ``MAX_JSON_DEPTH`` levels deep, with valid Unicode in every string."""
     out: dict[str, Trace] = {}
     for raw in data.split(b"\n"):
         try:
             obj = json.loads(raw.decode("utf-8"))
             assert _depth(obj) <= MAX_JSON_DEPTH
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")  # no lone surrogate anywhere
             trace = Trace.from_openai(obj)
             trace._row()  # ...and writable: SQLite takes valid Unicode only
             json.dumps(trace.to_openai(), ensure_ascii=False).encode("utf-8")
