@@ -191,6 +191,11 @@ def load_llama(
 
     if not path.is_file():
         raise ArtifactError(diagnose_gguf(path))
+    # some damage (a duplicated vocabulary token) makes llama.cpp abort the whole process, so
+    # the structure is checked before llama.cpp sees the file
+    problem = gguf_problem(path)
+    if problem is not None:
+        raise ArtifactError(problem)
     stderr = io.StringIO()
     try:
         # llama.cpp prints its load log to stderr; keep it for the error message instead.
