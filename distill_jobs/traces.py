@@ -230,15 +230,20 @@ def _row(
     )
     for col in row:
         if isinstance(col, str):
-            try:
-                col.encode("utf-8")
-            except UnicodeEncodeError as e:
-                msg = (
-                    f"trace {id} holds a lone UTF-16 surrogate (U+{ord(col[e.start]):04X}), "
-                    "which is not valid Unicode; it is not stored"
-                )
-                raise TraceError(msg) from None
+            _require_unicode(col, f"trace {id}", "it is not stored")
     return row
+
+
+def _require_unicode(text: str, where: str, then: str) -> None:
+    """Refuse a string holding a lone UTF-16 surrogate, which SQLite cannot store."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        msg = (
+            f"{where} holds a lone UTF-16 surrogate (U+{ord(text[e.start]):04X}), which is not "
+            f"valid Unicode; {then}"
+        )
+        raise TraceError(msg) from None
 
 
 def snapshot_hash(traces: Iterable[Trace]) -> str:
@@ -1085,15 +1090,7 @@ def _check_json(value: Any) -> None:
     while stack:
         item, depth, where = stack.pop()
         if isinstance(item, str):
-            try:
-                item.encode("utf-8")
-            except UnicodeEncodeError as e:
-                msg = (
-                    f"{where or 'the line'} holds a lone UTF-16 surrogate "
-                    f"(U+{ord(item[e.start]):04X}), which is not valid Unicode; re-export the "
-                    "file with valid text"
-                )
-                raise TraceError(msg) from None
+            _require_unicode(item, where or "the line", "re-export the file with valid text")
         elif isinstance(item, (dict, list)):
             if depth >= MAX_JSON_DEPTH:
                 msg = f"{where or 'the line'} is nested more than {MAX_JSON_DEPTH} levels deep"

@@ -77,14 +77,21 @@ max_tokens_limit = 2048
 """
 
 
+def write_starter(path: Path, text: str, *, force: bool) -> bool:
+    """Write a starter file unless it exists (and ``force`` is off); say what happened."""
+    if path.exists() and not force:
+        print(f"error: {path} already exists; pass --force to overwrite it", file=sys.stderr)
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    print(f"wrote {path}")
+    return True
+
+
 def _init(args: argparse.Namespace) -> int:
     path = Path(args.path)
-    if path.exists() and not args.force:
-        print(f"error: {path} already exists; pass --force to overwrite it", file=sys.stderr)
+    if not write_starter(path, STARTER_CONFIG, force=args.force):
         return 1
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(STARTER_CONFIG, encoding="utf-8")
-    print(f"wrote {path}")
     print("next: `understudy demo` to see the whole loop, or fill the knowledge store with")
     print(f"`understudy kb add FILES`, record traces, and `understudy chat --config {path}`")
     return 0

@@ -107,13 +107,11 @@ def _summary(result: object) -> str:
 
 
 def _init(args: argparse.Namespace) -> int:
+    from langchain_understudy.plugin._cli_app import write_starter
+
     path = Path(args.path)
-    if path.exists() and not args.force:
-        print(f"error: {path} already exists; pass --force to overwrite it", file=sys.stderr)
+    if not write_starter(path, STARTER_JOB, force=args.force):
         return 1
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(STARTER_JOB, encoding="utf-8")
-    print(f"wrote {path}")
     print("next: `understudy traces import TRACES.jsonl`, then")
     print(f"`understudy distill run --config {path}`")
     return 0
