@@ -170,23 +170,13 @@ def _schedule(args: argparse.Namespace) -> int:
     return 0
 
 
-def _exemplar_embeddings(version: Any) -> Any:
-    """The default embeddings when the version was distilled with exemplar memory, else None."""
-    from langchain_understudy.students.exemplars import EXEMPLAR_FILES
-
-    if not all(f in version.files for f in EXEMPLAR_FILES):
-        return None
-    from langchain_understudy.retrieval.embeddings import default_embeddings
-
-    return default_embeddings()
-
-
 def _eval(args: argparse.Namespace) -> int:
     from langchain_understudy.distill_jobs.dataset import Example, conversation_key
     from langchain_understudy.distill_jobs.evaluation import evaluate_student
     from langchain_understudy.distill_jobs.traces import Trace
+    from langchain_understudy.plugin.loader import student_from_version
     from langchain_understudy.prompting import message_text
-    from langchain_understudy.students import ChatStudent, StudentRegistry
+    from langchain_understudy.students import StudentRegistry
 
     reg = StudentRegistry(args.registry)
     v = reg.get(args.student) if args.student else reg.current()
@@ -208,9 +198,8 @@ def _eval(args: argparse.Namespace) -> int:
             examples.append(ex)
     if args.limit:
         examples = examples[: args.limit]
-    student = ChatStudent.from_version(
+    student = student_from_version(
         v,
-        embeddings=_exemplar_embeddings(v),
         n_ctx=int(prov.get("n_ctx", 2048)),
         system_prompt=prov.get("system"),
         max_tokens=args.max_tokens,

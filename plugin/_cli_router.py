@@ -167,6 +167,7 @@ def _knowledge(cfg: Any, args: argparse.Namespace) -> Any:
 
 def _understudy(cfg: Any, args: argparse.Namespace) -> tuple[Any, str]:
     """An offline ChatUnderstudy (no teacher) over the chosen student; returns it and a label."""
+    from langchain_understudy.plugin.loader import student_from_version
     from langchain_understudy.router import ChatUnderstudy, Router, load_router
     from langchain_understudy.students import ChatStudent, StudentRegistry
 
@@ -186,7 +187,7 @@ def _understudy(cfg: Any, args: argparse.Namespace) -> tuple[Any, str]:
         if v is None:
             msg = f"no student is promoted in {reg.root}; pass --gguf PATH or --student V"
             raise ConfigError(msg)
-        student = ChatStudent(model_path=v.path, student_version=v.version, **opts)
+        student = student_from_version(v, **opts)
         if ood is None and "ood_index.npy" in v.files:
             ood = v.artifact("ood_index.npy")
         label = v.version

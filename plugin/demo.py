@@ -553,14 +553,15 @@ class _Demo:
 
     def understudy(self, store: Any, teacher: Any, version: str | None) -> Any:
         from langchain_understudy.distill_jobs.recorder import TraceRecorder
+        from langchain_understudy.plugin.loader import student_from_version
         from langchain_understudy.router import ChatUnderstudy, Router
-        from langchain_understudy.students import ChatStudent, StudentRegistry
+        from langchain_understudy.students import StudentRegistry
 
         registry = StudentRegistry(self.work / "students")
         opts = {"n_ctx": 256, "max_tokens": 48}
         student: Any = registry
         if registry.current_version() != version and version is not None:
-            student = ChatStudent.from_registry(registry, version, **opts)
+            student = student_from_version(registry.get(version), **opts)
         self.recorder = TraceRecorder(self.work / "traces.sqlite", tags=["demo:teacher"])
         return ChatUnderstudy(
             student=student,

@@ -13,10 +13,32 @@ if TYPE_CHECKING:
 
     from langchain_understudy.router import ChatUnderstudy
 
-__all__ = ["DEFAULT_CONFIG", "load_understudy", "open_knowledge", "resolve_config"]
+__all__ = [
+    "DEFAULT_CONFIG",
+    "load_understudy",
+    "open_knowledge",
+    "resolve_config",
+    "student_from_version",
+]
 
 #: The config file looked for when none is named.
 DEFAULT_CONFIG = "understudy.toml"
+
+
+def student_from_version(version: Any, **kwargs: Any) -> Any:
+    """A ``ChatStudent`` for a registry version with everything registered with it.
+
+    A student distilled with exemplar memory gets the bundled embeddings (the job's default) to
+    retrieve its exemplars with; pass ``embeddings=`` for others.
+    """
+    from langchain_understudy.students import ChatStudent
+    from langchain_understudy.students.exemplars import EXEMPLAR_FILES
+
+    if "embeddings" not in kwargs and all(f in version.files for f in EXEMPLAR_FILES):
+        from langchain_understudy.retrieval.embeddings import default_embeddings
+
+        kwargs["embeddings"] = default_embeddings()
+    return ChatStudent.from_version(version, **kwargs)
 
 
 def resolve_config(
