@@ -31,13 +31,10 @@ def student_from_version(version: Any, **kwargs: Any) -> Any:
     A student distilled with exemplar memory gets the bundled embeddings (the job's default) to
     retrieve its exemplars with; pass ``embeddings=`` for others.
     """
+    from langchain_understudy.retrieval.embeddings import default_embeddings
     from langchain_understudy.students import ChatStudent
-    from langchain_understudy.students.exemplars import EXEMPLAR_FILES
 
-    if "embeddings" not in kwargs and all(f in version.files for f in EXEMPLAR_FILES):
-        from langchain_understudy.retrieval.embeddings import default_embeddings
-
-        kwargs["embeddings"] = default_embeddings()
+    kwargs.setdefault("embeddings", default_embeddings)  # loaded only if the memory needs it
     return ChatStudent.from_version(version, **kwargs)
 
 

@@ -163,13 +163,8 @@ class _StudentSource:
         from langchain_understudy.students import ChatStudent
 
         v = reg.get(version)
-        from langchain_understudy.students.exemplars import EXEMPLAR_FILES
-
         # a student distilled with exemplar memory retrieves past answers with our embeddings
-        with_memory = all(f in v.files for f in EXEMPLAR_FILES)
-        model = ChatStudent.from_version(
-            v, embeddings=self._embeddings() if with_memory else None, **self._kwargs
-        )
+        model = ChatStudent.from_version(v, embeddings=self._embeddings, **self._kwargs)
         if self._ood_arg is not None:
             ood, why = self._explicit_ood()
         elif "ood_index.npy" in v.files:

@@ -48,6 +48,8 @@ __all__ = ["ChatStudent", "confidence_from_logprobs"]
 
 logger = logging.getLogger(__name__)
 
+#: Compiled grammars a student keeps (least recently used dropped first).
+GRAMMAR_CACHE = 256
 #: How many of the least likely generated tokens the confidence averages over.
 CONFIDENCE_WEAKEST = 4
 
@@ -286,12 +288,15 @@ class ChatStudent(BaseChatModel):
     def from_version(cls, version: Any, *, embeddings: Any = None, **kwargs: Any) -> ChatStudent:
         """Build a student from a :class:`~langchain_understudy.students.StudentVersion`.
 
-        Loads what was registered with it: the exemplar memory (with ``embeddings``) and the
-        answer space.
+        Loads what was registered with it: the exemplar memory (with ``embeddings``, a LangChain
+        ``Embeddings`` or a no-argument factory called only when the version has a memory) and
+        the answer space.
         """
         kwargs.setdefault("student_version", version.version)
         if "exemplars" not in kwargs and all(f in version.files for f in EXEMPLAR_FILES):
             settings = version.provenance.get("exemplars") or {}
+            if callable(embeddings) and not hasattr(embeddings, "embed_query"):
+                embeddings = embeddings()  # a factory: loaded only for a memory that needs it
             if embeddings is None:
                 msg = (
                     f"student {version.version} was distilled with exemplar memory; pass "
@@ -378,15 +383,30 @@ class ChatStudent(BaseChatModel):
         if self.json_max_string_length:
             schema = _cap_strings(schema, self.json_max_string_length)
         key = json.dumps(schema, sort_keys=True)
-        if key not in self._grammars:
-            from llama_cpp import LlamaGrammar
 
+        def build(grammar_class: Any) -> Any:
             try:
-                self._grammars[key] = LlamaGrammar.from_json_schema(key, verbose=False)
+                return grammar_class.from_json_schema(key, verbose=False)
             except Exception as e:
                 msg = f"invalid JSON schema for constrained generation: {e}; schema: {key[:200]}"
                 raise ConfigError(msg) from e
-        return self._grammars[key]
+
+        return self._cached_grammar("schema:" + key, build)
+
+    def _cached_grammar(self, key: str, build: Callable[[Any], Any]) -> Any:
+        """Compile a grammar once, keeping the newest :data:`GRAMMAR_CACHE` of them.
+
+        Per-request schemas and candidate sets must not grow the cache without bound.
+        """
+        grammar = self._grammars.pop(key, None)
+        if grammar is None:
+            from llama_cpp import LlamaGrammar
+
+            grammar = build(LlamaGrammar)
+            while len(self._grammars) >= GRAMMAR_CACHE:
+                self._grammars.pop(next(iter(self._grammars)))
+        self._grammars[key] = grammar  # re-inserted: most recently used last
+        return grammar
 
     def _space_grammar(self, closed: str, exemplars: Sequence[Exemplar] | None) -> Any:
         """The grammar the answer space asks for (``None``: unconstrained)."""
@@ -401,12 +421,10 @@ class ChatStudent(BaseChatModel):
         if closed == "candidates" and exemplars:
             allowed = set(labels)
             labels = [e.answer for e in exemplars if e.answer in allowed] or labels
-        key = "labels:" + json.dumps(labels)
-        if key not in self._grammars:
-            from llama_cpp import LlamaGrammar
-
-            self._grammars[key] = LlamaGrammar.from_string(labels_grammar(labels), verbose=False)
-        return self._grammars[key]
+        return self._cached_grammar(
+            "labels:" + json.dumps(labels),
+            lambda grammar_class: grammar_class.from_string(labels_grammar(labels), verbose=False),
+        )
 
     def _prompt_tokens(
         self,

@@ -98,3 +98,24 @@ def test_a_job_on_json_traces_registers_their_schema(tmp_path: Path) -> None:
     assert student.answer_space.schema["required"] == ["color", "item"]
     value = json.loads(student.invoke("The boat 7 is red. Extract it.").content)
     assert set(value) == {"color", "item"}
+
+
+def test_per_request_grammars_do_not_grow_without_bound(
+    tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from langchain_understudy.students import chat_models
+
+    monkeypatch.setattr(chat_models, "GRAMMAR_CACHE", 2)
+    student = ChatStudent(
+        model_path=tiny_gguf,
+        answer_space=AnswerSpace("labels", labels=LABELS),
+        closed_answers="candidates",
+        max_tokens=32,
+    )
+    for first, second in [(0, 1), (1, 2), (0, 2), (2, 3)]:
+        shown = [Exemplar("q", LABELS[first]), Exemplar("q", LABELS[second])]
+        assert student.invoke("move money", exemplars=shown).content in {
+            LABELS[first],
+            LABELS[second],
+        }
+        assert len(student._grammars) <= 2
