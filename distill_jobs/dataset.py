@@ -14,10 +14,12 @@ from langchain_core.messages import AIMessage, BaseMessage
 from langchain_understudy.prompting import (
     Exemplar,
     Fact,
+    answer_text,
     last_user_text,
     message_text,
     render_answer,
     render_prompt,
+    tool_specs,
 )
 
 __all__ = [
@@ -42,7 +44,8 @@ class Example:
     Attributes:
         key: Hash of the conversation (prompt messages), stable across runs.
         messages: The conversation the teacher answered.
-        answer: The teacher's answer text.
+        answer: The teacher's answer as the student writes it: its text, then its tool calls
+            as a ``<|call|>`` block (:func:`~langchain_understudy.prompting.answer_text`).
         facts: Facts retrieved for it (empty without a knowledge store).
         exemplars: Past teacher answers to similar requests; ``None``: not looked up (a
             student with an exemplar memory looks them up itself when it answers).
@@ -50,6 +53,9 @@ class Example:
         target: The rendered answer the student is trained to produce.
         metadata: The trace's metadata.
         created_at: When the teacher answered, if known.
+        tools: The tools bound to the teacher's call (from the trace's ``metadata["tools"]``),
+            as :func:`~langchain_understudy.prompting.tool_specs` returns them; the prompt lists
+            them and the student is served with the same tools bound.
     """
 
     key: str
@@ -61,11 +67,12 @@ class Example:
     metadata: dict[str, Any] = field(default_factory=dict)
     created_at: datetime | None = None
     exemplars: list[Exemplar] | None = None
+    tools: list[dict[str, Any]] | None = None
 
     def render(self, system: str | None = None) -> None:
         """Build :attr:`prompt` and :attr:`target` with the one prompt format serving uses."""
         self.prompt = render_prompt(
-            self.messages, self.facts, system=system, exemplars=self.exemplars
+            self.messages, self.facts, system=system, exemplars=self.exemplars, tools=self.tools
         )
         self.target = render_answer(self.answer)
 
@@ -87,7 +94,10 @@ def build_examples(
     """Turn (conversation, teacher answer, metadata) triples into deduplicated examples.
 
     Conversations that appear more than once keep their latest answer. Empty, overlong or failed
-    answers are dropped. A ``created_at`` entry in the metadata (a ``datetime``) is moved to
+    answers are dropped. Tools listed in the metadata (``"tools"``, OpenAI format, as trace import
+    and :class:`~langchain_understudy.distill_jobs.TraceRecorder` record them) are shown in the
+    prompt, and the teacher's tool calls become the ``<|call|>`` block of the target.
+    A ``created_at`` entry in the metadata (a ``datetime``) is moved to
     :attr:`Example.created_at`. Prompts are built by :func:`~langchain_understudy.prompting.render_prompt`,
     the same function the student serves with.
 
@@ -95,12 +105,19 @@ def build_examples(
         The examples and a count of what was dropped and why.
     """
     by_key: dict[str, Example] = {}
-    dropped = {"empty_answer": 0, "long_answer": 0, "error": 0, "duplicate": 0}
+    dropped = {"empty_answer": 0, "long_answer": 0, "error": 0, "duplicate": 0, "bad_tools": 0}
     for messages, answer, meta in pairs:
         if meta.get("error"):
             dropped["error"] += 1
             continue
-        text = message_text(answer) if isinstance(answer, BaseMessage) else str(answer).strip()
+        try:
+            tools = tool_specs(meta["tools"]) if meta.get("tools") else None
+        except (ValueError, TypeError, KeyError, AttributeError):
+            dropped["bad_tools"] += 1  # trace import refuses these; a hand-edited store may not
+            continue
+        text = (
+            answer_text(answer, tools) if isinstance(answer, BaseMessage) else str(answer).strip()
+        )
         if len(text) < min_answer_chars:
             dropped["empty_answer"] += 1
             continue
@@ -118,6 +135,7 @@ def build_examples(
             answer=text,
             metadata=meta,
             created_at=created if isinstance(created, datetime) else None,
+            tools=tools,
         )
     examples = list(by_key.values())
     if facts is not None and examples:

@@ -268,6 +268,9 @@ class TraceRecorder(BaseCallbackHandler):
         if self._closed:
             return
         meta = dict(metadata or {})
+        tools = (kwargs.get("invocation_params") or {}).get("tools")
+        if isinstance(tools, list) and tools:
+            meta["tools"] = tools  # what the student is shown, and served with, for this call
         start = _Started(
             messages=[list(m) for m in messages],
             started=time.perf_counter(),

@@ -9,12 +9,26 @@ single special tokens (a pretrained base reads them as ordinary text)::
 
     <|system|>
     You are a helpful assistant.
+    <|tools|>
+    {"name": "get_price", "description": "Price of a plan.", "parameters": {...}}
     <|examples|>
     [1] how much is the pro plan => 49 EUR a month.
     <|facts|>
     [1] (pricing.pro, as of 2026-01-01) The Pro plan costs 49 EUR a month.
     <|user|>
     How much is Pro?
+    <|assistant|>
+    49 EUR a month.<|end|>
+
+Tool calls are part of the answer: an assistant turn that calls tools ends with ``<|call|>`` and a
+JSON array of ``{"name": ..., "arguments": {...}}`` objects (arguments in the order the tool's
+schema lists them, required ones first, which is the order the serving grammar allows), and a
+tool's result is a ``<|tool|>`` turn::
+
+    <|assistant|>
+    <|call|>[{"name": "get_price", "arguments": {"plan": "pro"}}]<|end|>
+    <|tool|>
+    get_price: 49 EUR a month
     <|assistant|>
     49 EUR a month.<|end|>
 
@@ -30,9 +44,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
+from typing import Any
 
 from langchain_core.documents import Document
 from langchain_core.messages import (
@@ -46,20 +61,26 @@ from langchain_core.messages import (
 )
 
 __all__ = [
+    "CALL",
     "END",
     "EXEMPLARS",
+    "TOOLS",
     "ROLE_MARKERS",
     "SPECIAL_TOKENS",
     "Exemplar",
     "Fact",
     "document_to_fact",
+    "answer_text",
     "last_user_text",
     "message_text",
+    "order_arguments",
     "model_name_of",
     "render_answer",
     "render_prompt",
     "render_turns",
     "select_facts",
+    "split_answer",
+    "tool_specs",
 ]
 
 SYSTEM = "<|system|>"
@@ -68,6 +89,8 @@ USER = "<|user|>"
 ASSISTANT = "<|assistant|>"
 TOOL = "<|tool|>"
 EXEMPLARS = "<|examples|>"
+TOOLS = "<|tools|>"
+CALL = "<|call|>"
 END = "<|end|>"
 ROLE_MARKERS: dict[str, str] = {
     "system": SYSTEM,
@@ -77,7 +100,7 @@ ROLE_MARKERS: dict[str, str] = {
     "tool": TOOL,
 }
 #: Tokens a student tokenizer must keep whole; `END` closes every assistant turn.
-SPECIAL_TOKENS: tuple[str, ...] = (*ROLE_MARKERS.values(), EXEMPLARS, END)
+SPECIAL_TOKENS: tuple[str, ...] = (*ROLE_MARKERS.values(), EXEMPLARS, END, TOOLS, CALL)
 
 
 @dataclass(frozen=True)
@@ -187,19 +210,26 @@ def model_name_of(model: object) -> str:
     return str(llm_type or type(model).__name__)
 
 
-def message_text(message: BaseMessage) -> str:
-    """Return a message's content as text, tool calls rendered as JSON lines."""
+def _content_text(message: BaseMessage) -> str:
     content = message.content
     if isinstance(content, str):
-        text = content
-    else:
-        parts = []
-        for block in content:
-            if isinstance(block, str):
-                parts.append(block)
-            elif isinstance(block, dict) and block.get("type") == "text":
-                parts.append(str(block.get("text", "")))
-        text = "".join(parts)
+        return content.strip()
+    parts = []
+    for block in content:
+        if isinstance(block, str):
+            parts.append(block)
+        elif isinstance(block, dict) and block.get("type") == "text":
+            parts.append(str(block.get("text", "")))
+    return "".join(parts).strip()
+
+
+def message_text(message: BaseMessage) -> str:
+    """Return a message's content as text, tool calls rendered as JSON lines.
+
+    This is the text that keys, signals and logs use; the text a *student* reads and writes
+    for a tool-calling turn is :func:`answer_text`.
+    """
+    text = _content_text(message)
     if isinstance(message, AIMessage) and message.tool_calls:
         calls = [
             json.dumps({"tool": c["name"], "args": c["args"]}, sort_keys=True)
@@ -217,6 +247,119 @@ def last_user_text(messages: Sequence[BaseMessage]) -> str:
     return message_text(messages[-1]) if messages else ""
 
 
+def tool_specs(tools: Sequence[Any] | None) -> list[dict[str, Any]]:
+    """Normalise bound tools to ``{"name", "description", "parameters"}`` dicts.
+
+    Accepts what ``bind_tools`` accepts: OpenAI tool dicts (``{"type": "function", "function":
+    {...}}``), bare function dicts, LangChain tools, pydantic models and typed functions. The
+    parameters always come out as a JSON-schema object (``{"type": "object", "properties": {}}``
+    for a tool without arguments).
+
+    Example:
+        >>> tool_specs([{"type": "function", "function": {"name": "now"}}])
+        [{'name': 'now', 'description': '', 'parameters': {'type': 'object', 'properties': {}}}]
+    """
+    from langchain_core.utils.function_calling import convert_to_openai_tool
+
+    out: list[dict[str, Any]] = []
+    for tool in tools or ():
+        if isinstance(tool, Mapping) and isinstance(tool.get("function"), Mapping):
+            fn: Mapping[str, Any] = tool["function"]
+        elif isinstance(tool, Mapping) and "name" in tool and "parameters" in tool:
+            fn = tool
+        else:
+            fn = convert_to_openai_tool(tool)["function"]
+        params = dict(fn.get("parameters") or {})
+        params.setdefault("type", "object")
+        if params["type"] == "object":
+            params.setdefault("properties", {})
+        out.append(
+            {
+                "name": str(fn["name"]),
+                "description": str(fn.get("description") or ""),
+                "parameters": params,
+            }
+        )
+    return out
+
+
+def order_arguments(
+    args: Mapping[str, Any], parameters: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """Order a call's arguments as the serving grammar writes them.
+
+    Required properties first, then optional ones, each in the schema's order; arguments the
+    schema does not list come last, in their own order. Training targets use this order so the
+    student learns the sequence the grammar allows.
+
+    Example:
+        >>> schema = {"properties": {"a": {}, "b": {}}, "required": ["b"]}
+        >>> order_arguments({"a": 1, "b": 2, "z": 3}, schema)
+        {'b': 2, 'a': 1, 'z': 3}
+    """
+    props = list((parameters or {}).get("properties") or {})
+    required = set((parameters or {}).get("required") or ())
+    order = [p for p in props if p in required] + [p for p in props if p not in required]
+    rank = {name: i for i, name in enumerate(order)}
+    return dict(sorted(args.items(), key=lambda kv: rank.get(kv[0], len(rank))))
+
+
+def render_calls(
+    calls: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None
+) -> str:
+    """Render tool calls (``{"name", "args"}``) as the ``<|call|>`` block a student writes."""
+    params = {t["name"]: t.get("parameters") for t in tools or ()}
+    payload = [
+        {
+            "name": c["name"],
+            "arguments": order_arguments(dict(c.get("args") or {}), params.get(c["name"])),
+        }
+        for c in calls
+    ]
+    return CALL + json.dumps(payload, ensure_ascii=False)
+
+
+def answer_text(
+    message: str | BaseMessage, tools: Sequence[Mapping[str, Any]] | None = None
+) -> str:
+    """An assistant turn as the student writes it: its text, then its ``<|call|>`` block if any.
+
+    Training targets, assistant turns in a prompt's history, and evaluation's comparison of a
+    student's answer with the teacher's all go through this function.
+    """
+    if isinstance(message, str):
+        return message.strip()
+    text = _content_text(message)
+    if isinstance(message, AIMessage) and message.tool_calls:
+        block = render_calls(message.tool_calls, tools)
+        return f"{text}\n{block}" if text else block
+    return text
+
+
+def split_answer(text: str) -> tuple[str, list[dict[str, Any]]]:
+    r"""Split an answer written by :func:`answer_text` into its text and its tool calls.
+
+    Raises:
+        ValueError: The ``<|call|>`` block is not a JSON array of ``{"name", "arguments"}``.
+
+    Example:
+        >>> split_answer('Checking.\n<|call|>[{"name": "now", "arguments": {}}]')
+        ('Checking.', [{'name': 'now', 'args': {}}])
+    """
+    head, sep, block = text.partition(CALL)
+    if not sep:
+        return text.strip(), []
+    calls = json.loads(block)
+    if not isinstance(calls, list) or not all(
+        isinstance(c, dict) and isinstance(c.get("name"), str) for c in calls
+    ):
+        msg = "a <|call|> block must be a JSON array of {name, arguments} objects"
+        raise ValueError(msg)
+    return head.strip(), [
+        {"name": c["name"], "args": dict(c.get("arguments") or {})} for c in calls
+    ]
+
+
 def _role(message: BaseMessage) -> str:
     if isinstance(message, SystemMessage):
         return "system"
@@ -231,8 +374,14 @@ def _role(message: BaseMessage) -> str:
     return {"human": "user", "ai": "assistant"}.get(message.type, "user")
 
 
-def render_turns(messages: Sequence[BaseMessage]) -> list[tuple[str, str]]:
-    """Return the conversation as ``(role, text)`` pairs, system messages merged first."""
+def render_turns(
+    messages: Sequence[BaseMessage], tools: Sequence[Mapping[str, Any]] | None = None
+) -> list[tuple[str, str]]:
+    """Return the conversation as ``(role, text)`` pairs, system messages merged first.
+
+    Assistant turns that called tools end with their ``<|call|>`` block (:func:`answer_text`);
+    a tool result reads ``name: result`` when the tool's name is known.
+    """
     system = [message_text(m) for m in messages if _role(m) == "system"]
     turns: list[tuple[str, str]] = []
     if any(system):
@@ -241,8 +390,30 @@ def render_turns(messages: Sequence[BaseMessage]) -> list[tuple[str, str]]:
         role = _role(m)
         if role == "system":
             continue
-        turns.append((role if role in ROLE_MARKERS else "user", message_text(m)))
+        if role == "assistant":
+            text = answer_text(m, tools)
+        elif role == "tool":
+            text = _content_text(m)
+            name = getattr(m, "name", None)
+            text = f"{name}: {text}" if name else text
+        else:
+            text = message_text(m)
+        turns.append((role if role in ROLE_MARKERS else "user", text))
     return turns
+
+
+def _render_tools(tools: Sequence[Mapping[str, Any]]) -> str:
+    return "\n".join(
+        json.dumps(
+            {
+                "name": t["name"],
+                "description": t.get("description", ""),
+                "parameters": t.get("parameters", {}),
+            },
+            ensure_ascii=False,
+        )
+        for t in tools
+    )
 
 
 def _render_facts(facts: Sequence[Fact | str]) -> str:
@@ -271,6 +442,7 @@ def render_prompt(
     *,
     system: str | None = None,
     exemplars: Sequence[Exemplar] | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
 ) -> str:
     r"""Render a conversation (and retrieved facts) as the text a student continues.
 
@@ -283,11 +455,13 @@ def render_prompt(
         system: A default system line used when the conversation has none.
         exemplars: Past teacher answers to similar requests (most similar first), placed
             before the facts.
+        tools: The tools bound to the call, as :func:`tool_specs` returns them; listed one
+            JSON object per line after the system line.
 
     Returns:
         The prompt text, ending with ``"<|assistant|>\\n"``.
     """
-    turns = render_turns(messages)
+    turns = render_turns(messages, tools)
     if turns and turns[-1][0] == "assistant":
         turns = turns[:-1]
     if system and not (turns and turns[0][0] == "system"):
@@ -297,6 +471,8 @@ def render_prompt(
     if turns and turns[0][0] == "system":
         out.append(f"{SYSTEM}\n{turns[0][1]}\n")
         body = turns[1:]
+    if tools:
+        out.append(f"{TOOLS}\n{_render_tools(tools)}\n")
     if exemplars:
         out.append(f"{EXEMPLARS}\n{_render_exemplars(exemplars)}\n")
     if facts:
@@ -309,7 +485,8 @@ def render_prompt(
     return "".join(out)
 
 
-def render_answer(answer: str | BaseMessage) -> str:
+def render_answer(
+    answer: str | BaseMessage, tools: Sequence[Mapping[str, Any]] | None = None
+) -> str:
     """Render the assistant's answer as the training target that follows :func:`render_prompt`."""
-    text = message_text(answer) if isinstance(answer, BaseMessage) else answer.strip()
-    return f"{text}{END}"
+    return f"{answer_text(answer, tools)}{END}"

@@ -25,14 +25,24 @@ from langchain_core.language_models.chat_models import LangSmithParams
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, SystemMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
+from langchain_core.output_parsers.openai_tools import (
+    JsonOutputKeyToolsParser,
+    PydanticToolsParser,
+)
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable, RunnableLambda, RunnableMap, RunnablePassthrough
+from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_json_schema
 from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from langchain_understudy.errors import ArtifactError, ConfigError, StudentError
-from langchain_understudy.prompting import END, Exemplar, Fact, render_prompt
+from langchain_understudy.prompting import CALL, END, Exemplar, Fact, render_prompt, tool_specs
+from langchain_understudy.students._tool_calls import (
+    CallStream,
+    calls_schema,
+    normalize_tool_choice,
+)
 from langchain_understudy.students.answer_space import (
     ANSWER_SPACE_FILE,
     AnswerSpace,
@@ -92,6 +102,22 @@ class _Generation:
     finish_reason: str = "stop"
     logprobs: list[float] = field(default_factory=list)
     truncated_turns: int = 0
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    invalid_tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    call_logprobs: list[float] = field(default_factory=list)
+
+
+@dataclass
+class _Tools:
+    """What the bound tools ask of one call."""
+
+    specs: list[dict[str, Any]]
+    choice: str  # "auto", "none", "any" or a tool's name
+    grammar: Any = None  # the <|call|> block's grammar; None under "none"
+
+    @property
+    def forced(self) -> bool:
+        return self.choice not in ("auto", "none")
 
 
 class _Pool:
@@ -143,6 +169,12 @@ def _cap_strings(schema: Any, limit: int) -> Any:
     if out.get("type") == "string" and not ({"maxLength", "enum", "const", "pattern"} & set(out)):
         out["maxLength"] = limit
     return out
+
+
+def _single_token(llm: Any, text: str) -> int | None:
+    """The token id of ``text`` when the tokenizer keeps it as one token, else ``None``."""
+    ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+    return ids[0] if len(ids) == 1 else None
 
 
 def _require_complete(message: AIMessage) -> AIMessage:
@@ -382,7 +414,8 @@ class ChatStudent(BaseChatModel):
     def _grammar(self, schema: Mapping[str, Any]) -> Any:
         if self.json_max_string_length:
             schema = _cap_strings(schema, self.json_max_string_length)
-        key = json.dumps(schema, sort_keys=True)
+        # not sort_keys: the grammar writes properties in the schema's order
+        key = json.dumps(schema)
 
         def build(grammar_class: Any) -> Any:
             try:
@@ -426,6 +459,21 @@ class ChatStudent(BaseChatModel):
             lambda grammar_class: grammar_class.from_string(labels_grammar(labels), verbose=False),
         )
 
+    def _tools(self, kwargs: Mapping[str, Any]) -> _Tools | None:
+        """The bound tools of a call (``tools=`` / ``tool_choice=``), or ``None``."""
+        specs = tool_specs(kwargs.get("tools"))
+        if not specs:
+            return None
+        choice = normalize_tool_choice(kwargs.get("tool_choice"), [t["name"] for t in specs])
+        if choice == "none":
+            return _Tools(specs, choice)
+        schema = calls_schema(
+            specs,
+            only=None if choice in ("auto", "any") else choice,
+            parallel=kwargs.get("parallel_tool_calls") is not False,
+        )
+        return _Tools(specs, choice, self._grammar(schema))
+
     def _prompt_tokens(
         self,
         llm: Any,
@@ -433,14 +481,18 @@ class ChatStudent(BaseChatModel):
         facts: Sequence[Fact | str] | None,
         max_tokens: int,
         exemplars: Sequence[Exemplar] | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        prefix: str = "",
     ) -> tuple[list[int], int]:
         msgs = list(messages)
         dropped = 0
         # room an answer must have; beyond it, max_tokens is capped to what the context has left
         reserve = min(max_tokens, max(1, self.n_ctx // 4))
         while True:
-            text = render_prompt(msgs, facts, system=self.system_prompt, exemplars=exemplars)
-            tokens = llm.tokenize(_utf8(text), add_bos=True, special=True)
+            text = render_prompt(
+                msgs, facts, system=self.system_prompt, exemplars=exemplars, tools=tools
+            )
+            tokens = llm.tokenize(_utf8(text + prefix), add_bos=True, special=True)
             if len(tokens) + reserve <= self.n_ctx:
                 return tokens, dropped
             droppable = [i for i, m in enumerate(msgs[:-1]) if not isinstance(m, SystemMessage)]
@@ -459,27 +511,42 @@ class ChatStudent(BaseChatModel):
         messages: Sequence[BaseMessage],
         stop: list[str] | None,
         on_text: Callable[[str, float | None], None] | None = None,
+        on_calls: Callable[[list[dict[str, Any]]], None] | None = None,
         **kwargs: Any,
     ) -> _Generation:
+        """Generate one answer: text, or (with tools bound) text and/or a ``<|call|>`` block.
+
+        Under ``tool_choice="auto"`` the student writes freely until it ends or writes
+        ``<|call|>``; from there the calls are decoded under the tools' grammar. A forced choice
+        starts the answer with ``<|call|>``. ``"none"`` shows the tools but stops at a call.
+        """
         max_tokens = int(kwargs.get("max_tokens") or self.max_tokens)
         temperature = float(kwargs.get("temperature", self.temperature))
         exemplars = kwargs.get("exemplars")
         if exemplars is None and self.exemplars is not None:
             exemplars = self.exemplars.for_messages(messages)
+        tools = self._tools(kwargs)
         schema = kwargs.get("json_schema", self.json_schema)
         if schema is not None:
             grammar = self._grammar(schema)
+        elif tools is not None and tools.choice != "none":
+            grammar = None  # the answer space's labels would rule out a call
         else:
             grammar = self._space_grammar(
                 kwargs.get("closed_answers", self.closed_answers), exemplars
             )
         stops = [s for s in [*(self.stop or []), *(stop or []), END] if s]
+        if tools is not None:
+            stops.append(CALL)
         want_conf = bool(kwargs.get("confidence", self.confidence))
+        facts = kwargs.get("facts")
+        specs = tools.specs if tools else None
         pool = self._get_pool()
         llm = pool.acquire()
         try:
+            prefix = CALL if tools is not None and tools.forced else ""
             tokens, dropped = self._prompt_tokens(
-                llm, messages, kwargs.get("facts"), max_tokens, exemplars
+                llm, messages, facts, max_tokens, exemplars, specs, prefix
             )
             if dropped:
                 warnings.warn(
@@ -488,13 +555,71 @@ class ChatStudent(BaseChatModel):
                     stacklevel=3,
                 )
             gen = _Generation(prompt_tokens=len(tokens), truncated_turns=dropped)
-            max_tokens = min(max_tokens, self.n_ctx - len(tokens))
-            self._decode(
-                llm, tokens, gen, stops, max_tokens, temperature, grammar, want_conf, on_text
-            )
+            budget = min(max_tokens, self.n_ctx - len(tokens))
+            if not prefix:
+                marker = _single_token(llm, CALL) if tools is not None else None
+                hit = self._decode(
+                    llm,
+                    tokens,
+                    gen,
+                    stops,
+                    budget,
+                    temperature,
+                    grammar,
+                    want_conf,
+                    on_text,
+                    marker,
+                )
+                if hit != CALL or tools is None or tools.choice == "none":
+                    gen.text = gen.text.strip() if hit == CALL else gen.text
+                    return gen
+                prefix = gen.text + CALL
+                gen.text = gen.text.strip()
+                tokens, _ = self._prompt_tokens(
+                    llm, messages, facts, max_tokens, exemplars, specs, prefix
+                )
+                budget = min(budget - gen.completion_tokens, self.n_ctx - len(tokens))
+            if tools is not None:  # always, once a call has begun
+                self._decode_calls(
+                    llm, tokens, gen, budget, temperature, tools, want_conf, on_calls
+                )
             return gen
         finally:
             pool.release(llm)
+
+    def _decode_calls(
+        self,
+        llm: Any,
+        tokens: list[int],
+        gen: _Generation,
+        budget: int,
+        temperature: float,
+        tools: _Tools,
+        want_conf: bool,
+        on_calls: Callable[[list[dict[str, Any]]], None] | None,
+    ) -> None:
+        """Decode the ``<|call|>`` block under the tools' grammar into ``gen.tool_calls``."""
+        stream = CallStream()
+
+        def feed(delta: str, _lp: float | None) -> None:
+            chunks = stream.feed(delta)
+            if chunks and on_calls is not None:
+                on_calls(chunks)
+
+        calls = _Generation()
+        if budget > 0:
+            self._decode(
+                llm, tokens, calls, [], budget, temperature, tools.grammar, want_conf, feed
+            )
+        gen.completion_tokens += calls.completion_tokens
+        gen.logprobs += calls.logprobs
+        gen.call_logprobs = calls.logprobs
+        gen.tool_calls = stream.calls()
+        gen.invalid_tool_calls = stream.unfinished()
+        if calls.finish_reason == "length" or budget <= 0:
+            gen.finish_reason = "length"
+        else:
+            gen.finish_reason = "tool_calls" if gen.tool_calls else "stop"
 
     def _decode(
         self,
@@ -507,7 +632,13 @@ class ChatStudent(BaseChatModel):
         grammar: Any,
         want_conf: bool,
         on_text: Callable[[str, float | None], None] | None,
-    ) -> None:
+        marker: int | None = None,
+    ) -> str | None:
+        """Decode into ``gen``; return the stop string that ended it (``None``: EOS or length).
+
+        ``marker`` is a token that counts as the stop string ``<|call|>`` (a tokenizer that keeps
+        the marker as one control token detokenizes it to nothing).
+        """
         import llama_cpp
 
         eos = llm.token_eos()
@@ -521,6 +652,7 @@ class ChatStudent(BaseChatModel):
             if temperature > 0
             else {"temp": 0.0, "top_k": 1, "top_p": 1.0, "min_p": 0.0}
         )
+        hit: str | None = None
         for token in llm.generate(
             tokens, reset=True, repeat_penalty=1.0, grammar=grammar, **sampler_args
         ):
@@ -528,20 +660,23 @@ class ChatStudent(BaseChatModel):
                 # logits of the position that produced `token` (the last one evaluated)
                 logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,))
                 gen.logprobs.append(_log_softmax_at(logits, token))
-            if token == eos or llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):
+            if token == marker:
+                hit = CALL
+            if hit or token == eos or llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):
                 gen.finish_reason = "stop"
                 break
             gen.completion_tokens += 1
             raw += llm.detokenize([token], special=False)
             text = raw.decode("utf-8", errors="ignore")
-            cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-            if cut >= 0:
+            found = [(i, s) for s in stops if (i := text.find(s)) >= 0]
+            if found:
+                cut, hit = min(found)
                 text = text[:cut]
                 if on_text and len(text) > emitted:
                     on_text(text[emitted:], None)
                 gen.text = text
                 gen.finish_reason = "stop"
-                return
+                return hit
             safe = len(text) - hold
             if on_text and safe > emitted:
                 on_text(text[emitted:safe], gen.logprobs[-1] if gen.logprobs else None)
@@ -551,6 +686,7 @@ class ChatStudent(BaseChatModel):
                 break
         if on_text and len(gen.text) > emitted:
             on_text(gen.text[emitted:], None)
+        return hit
 
     def _metadata(self, gen: _Generation) -> dict[str, Any]:
         meta: dict[str, Any] = {
@@ -563,6 +699,8 @@ class ChatStudent(BaseChatModel):
             meta["student_version"] = self.student_version
         if gen.truncated_turns:
             meta["truncated_turns"] = gen.truncated_turns
+        if gen.call_logprobs:
+            meta["tool_call_confidence"] = confidence_from_logprobs(gen.call_logprobs)
         return meta
 
     @staticmethod
@@ -572,6 +710,54 @@ class ChatStudent(BaseChatModel):
             output_tokens=gen.completion_tokens,
             total_tokens=gen.prompt_tokens + gen.completion_tokens,
         )
+
+    def _message(self, gen: _Generation) -> AIMessage:
+        return AIMessage(
+            content=gen.text,
+            tool_calls=gen.tool_calls,
+            invalid_tool_calls=gen.invalid_tool_calls,
+            response_metadata=self._metadata(gen),
+            usage_metadata=self._usage(gen),
+        )
+
+    def _event_chunk(self, kind: str, value: Any) -> ChatGenerationChunk:
+        """One streamed event as a chunk: ``text``, ``calls`` (tool-call chunks) or ``done``."""
+        if kind == "text":
+            return ChatGenerationChunk(message=AIMessageChunk(content=value))
+        if kind == "calls":
+            return ChatGenerationChunk(message=AIMessageChunk(content="", tool_call_chunks=value))
+        return ChatGenerationChunk(
+            message=AIMessageChunk(
+                content="",
+                response_metadata=self._metadata(value),
+                usage_metadata=self._usage(value),
+                chunk_position="last",
+            )
+        )
+
+    def _worker(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None,
+        put: Callable[[tuple[str, Any]], None],
+        kwargs: dict[str, Any],
+    ) -> Callable[[], None]:
+        """A thread body that runs one generation and reports it as events through ``put``."""
+
+        def work() -> None:
+            try:
+                gen = self._run(
+                    messages,
+                    stop,
+                    lambda t, _lp: put(("text", t)),
+                    lambda calls: put(("calls", calls)),
+                    **kwargs,
+                )
+                put(("done", gen))
+            except BaseException as e:  # re-raised in the caller's thread
+                put(("error", e))
+
+        return work
 
     def _generate(
         self,
@@ -587,12 +773,7 @@ class ChatStudent(BaseChatModel):
                 run_manager.on_llm_new_token(text)
 
         gen = self._run(messages, stop, on_text, **kwargs)
-        message = AIMessage(
-            content=gen.text,
-            response_metadata=self._metadata(gen),
-            usage_metadata=self._usage(gen),
-        )
-        return ChatResult(generations=[ChatGeneration(message=message)])
+        return ChatResult(generations=[ChatGeneration(message=self._message(gen))])
 
     def _stream(
         self,
@@ -601,43 +782,21 @@ class ChatStudent(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        chunks: queue.Queue[tuple[str, Any]] = queue.Queue()
-
-        def worker() -> None:
-            try:
-                gen = self._run(messages, stop, lambda t, _lp: chunks.put(("text", t)), **kwargs)
-                chunks.put(("done", gen))
-            except BaseException as e:  # re-raised in the caller's thread
-                chunks.put(("error", e))
-
-        thread = threading.Thread(target=worker, daemon=True, name="understudy-student")
+        events: queue.Queue[tuple[str, Any]] = queue.Queue()
+        work = self._worker(messages, stop, events.put, kwargs)
+        thread = threading.Thread(target=work, daemon=True, name="understudy-student")
         thread.start()
-        yield from self._drain(chunks.get, run_manager)
-        thread.join()
-
-    def _drain(
-        self,
-        get: Callable[[], tuple[str, Any]],
-        run_manager: CallbackManagerForLLMRun | None,
-    ) -> Iterator[ChatGenerationChunk]:
         while True:
-            kind, value = get()
-            if kind == "text":
-                chunk = ChatGenerationChunk(message=AIMessageChunk(content=value))
-                if run_manager is not None:
-                    run_manager.on_llm_new_token(value, chunk=chunk)
-                yield chunk
-            elif kind == "error":
+            kind, value = events.get()
+            if kind == "error":
+                thread.join()
                 raise value
-            else:
-                yield ChatGenerationChunk(
-                    message=AIMessageChunk(
-                        content="",
-                        response_metadata=self._metadata(value),
-                        usage_metadata=self._usage(value),
-                        chunk_position="last",
-                    )
-                )
+            chunk = self._event_chunk(kind, value)
+            if run_manager is not None and kind != "done":
+                run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            yield chunk
+            if kind == "done":
+                thread.join()
                 return
 
     async def _agenerate(
@@ -648,12 +807,7 @@ class ChatStudent(BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         gen = await asyncio.to_thread(self._run, messages, stop, None, **kwargs)
-        message = AIMessage(
-            content=gen.text,
-            response_metadata=self._metadata(gen),
-            usage_metadata=self._usage(gen),
-        )
-        return ChatResult(generations=[ChatGeneration(message=message)])
+        return ChatResult(generations=[ChatGeneration(message=self._message(gen))])
 
     async def _astream(
         self,
@@ -663,40 +817,66 @@ class ChatStudent(BaseChatModel):
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
         loop = asyncio.get_running_loop()
-        chunks: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
         def put(item: tuple[str, Any]) -> None:
-            loop.call_soon_threadsafe(chunks.put_nowait, item)
+            loop.call_soon_threadsafe(events.put_nowait, item)
 
-        def worker() -> None:
-            try:
-                gen = self._run(messages, stop, lambda t, _lp: put(("text", t)), **kwargs)
-                put(("done", gen))
-            except BaseException as e:
-                put(("error", e))
-
-        task = loop.run_in_executor(None, worker)
+        task = loop.run_in_executor(None, self._worker(messages, stop, put, kwargs))
         while True:
-            kind, value = await chunks.get()
-            if kind == "text":
-                chunk = ChatGenerationChunk(message=AIMessageChunk(content=value))
-                if run_manager is not None:
-                    await run_manager.on_llm_new_token(value, chunk=chunk)
-                yield chunk
-            elif kind == "error":
+            kind, value = await events.get()
+            if kind == "error":
                 await task
                 raise value
-            else:
+            chunk = self._event_chunk(kind, value)
+            if run_manager is not None and kind != "done":
+                await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            if kind == "done":
                 await task
-                yield ChatGenerationChunk(
-                    message=AIMessageChunk(
-                        content="",
-                        response_metadata=self._metadata(value),
-                        usage_metadata=self._usage(value),
-                        chunk_position="last",
-                    )
-                )
+            yield chunk
+            if kind == "done":
                 return
+
+    # -- tools --------------------------------------------------------------------------------
+    def bind_tools(
+        self,
+        tools: Sequence[dict[str, Any] | type | Callable[..., Any] | BaseTool],
+        *,
+        tool_choice: str | dict[str, Any] | bool | None = None,
+        parallel_tool_calls: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """Bind tools; the student calls them under a grammar built from their schemas.
+
+        Args:
+            tools: OpenAI tool dicts, LangChain tools, pydantic models or typed functions.
+            tool_choice: ``"auto"`` (default: answer in text or call), ``"any"`` /
+                ``"required"`` / ``True`` (must call), ``"none"`` (never call; the tools are
+                still shown), or a tool's name (must call that tool).
+            parallel_tool_calls: ``False`` allows one call per turn (default: several).
+            **kwargs: Other call arguments to bind.
+
+        Every call the student writes names a bound tool, and its arguments have the types,
+        enums and required keys of that tool's JSON schema (numeric bounds and string
+        patterns beyond what llama.cpp's schema converter supports are not enforced).
+
+        Example:
+            >>> from langchain_core.tools import tool
+            >>> @tool
+            ... def get_weather(city: str) -> str:
+            ...     \"\"\"Weather in a city.\"\"\"
+            ...     return "sunny"
+            >>> student = ChatStudent(model_path="student.gguf")  # doctest: +SKIP
+            >>> student.bind_tools([get_weather], tool_choice="any").invoke(
+            ...     "Weather in Paris?").tool_calls[0]["args"]  # doctest: +SKIP
+            {'city': 'Paris'}
+        """
+        specs = tool_specs(tools)
+        choice = normalize_tool_choice(tool_choice, [t["name"] for t in specs])
+        formatted = [{"type": "function", "function": spec} for spec in specs]
+        if parallel_tool_calls is not None:
+            kwargs["parallel_tool_calls"] = parallel_tool_calls
+        return self.bind(tools=formatted, tool_choice=choice, **kwargs)
 
     # -- structured output --------------------------------------------------------------------
     def with_structured_output(
@@ -712,9 +892,10 @@ class ChatStudent(BaseChatModel):
         Args:
             schema: A pydantic model class, a TypedDict, or a JSON schema dict.
             include_raw: Return ``{"raw", "parsed", "parsing_error"}`` instead of the parsed value.
-            method: Accepted for compatibility; every method is served the same way, by
-                grammar-constrained decoding against the schema (``json_mode`` with a schema of
-                "any JSON object"), since a student has no native tool calling.
+            method: ``"json_schema"`` and ``"json_mode"`` decode the answer itself under the
+                schema's grammar; ``"function_calling"`` binds the schema as a tool the student
+                must call (the ``<|call|>`` format it was distilled with) and parses the call's
+                arguments. Both are enforced by a llama.cpp grammar.
             **kwargs: Ignored (accepted for interface compatibility, e.g. ``strict``).
         """
         if method not in ("json_schema", "json_mode", "function_calling"):
@@ -725,18 +906,29 @@ class ChatStudent(BaseChatModel):
             json_schema = dict(schema)  # a plain JSON schema is used as is
         else:
             json_schema = convert_to_json_schema(schema)
-        llm = self.bind(
-            json_schema=json_schema,
-            ls_structured_output_format={
-                "kwargs": {"method": method},
-                "schema": json_schema,
-            },
-        )
-        parser: Runnable[Any, Any] = RunnableLambda(_require_complete) | (
-            PydanticOutputParser(pydantic_object=schema)  # type: ignore[arg-type]
-            if is_pydantic
-            else JsonOutputParser()
-        )
+        structured = {"kwargs": {"method": method}, "schema": json_schema}
+        parser: Runnable[Any, Any]
+        if method == "function_calling":
+            tool = schema if is_pydantic else json_schema
+            name = tool_specs([tool])[0]["name"]
+            llm = self.bind_tools(
+                [tool],
+                tool_choice=name,
+                parallel_tool_calls=False,
+                ls_structured_output_format=structured,
+            )
+            parser = RunnableLambda(_require_complete) | (
+                PydanticToolsParser(tools=[schema], first_tool_only=True)  # type: ignore[list-item]
+                if is_pydantic
+                else JsonOutputKeyToolsParser(key_name=name, first_tool_only=True)
+            )
+        else:
+            llm = self.bind(json_schema=json_schema, ls_structured_output_format=structured)
+            parser = RunnableLambda(_require_complete) | (
+                PydanticOutputParser(pydantic_object=schema)  # type: ignore[arg-type]
+                if is_pydantic
+                else JsonOutputParser()
+            )
         if not include_raw:
             return llm | parser
         parse = RunnablePassthrough.assign(

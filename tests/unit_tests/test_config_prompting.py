@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -74,8 +75,55 @@ def test_prompt_renders_tool_calls_and_tool_results() -> None:
     prompt = render_prompt(
         [HumanMessage("hi"), ai, ToolMessage("found", tool_call_id="1"), HumanMessage("ok")]
     )
-    assert '{"args": {"q": "pro"}, "tool": "search"}<|end|>' in prompt
+    assert '<|assistant|>\n<|call|>[{"name": "search", "arguments": {"q": "pro"}}]<|end|>' in prompt
     assert "<|tool|>\nfound\n" in prompt
     # a trailing assistant message (the answer) is never part of the prompt
     assert render_prompt([HumanMessage("q"), AIMessage("a")]) == render_prompt([HumanMessage("q")])
     assert render_prompt([HumanMessage("q")], system="S").startswith("<|system|>\nS\n")
+
+
+def test_tools_section_and_call_blocks_round_trip() -> None:
+    from langchain_core.tools import tool
+
+    from langchain_understudy.prompting import (
+        answer_text,
+        render_answer,
+        split_answer,
+        tool_specs,
+    )
+
+    @tool
+    def book(city: str, nights: int, budget: float | None = None) -> str:
+        """Book a hotel."""
+        return "ok"
+
+    specs = tool_specs([book, {"type": "function", "function": {"name": "now"}}])
+    assert [s["name"] for s in specs] == ["book", "now"]
+    assert specs[1]["parameters"] == {"type": "object", "properties": {}}
+    prompt = render_prompt([HumanMessage("book Paris")], system="S", tools=specs)
+    # the tools follow the system line, one JSON object per line, before the conversation
+    head, rest = prompt.split("<|tools|>\n", 1)
+    assert head == "<|system|>\nS\n"
+    lines = rest.split("<|user|>")[0].strip().splitlines()
+    assert [json.loads(line)["name"] for line in lines] == ["book", "now"]
+    # arguments follow the schema's order (required first), whatever order the teacher used
+    ai = AIMessage(
+        "Booking.",
+        tool_calls=[
+            {"name": "book", "args": {"budget": 90.0, "nights": 2, "city": "Paris"}, "id": "x"}
+        ],
+    )
+    text = answer_text(ai, specs)
+    assert text == (
+        'Booking.\n<|call|>[{"name": "book", "arguments": '
+        '{"city": "Paris", "nights": 2, "budget": 90.0}}]'
+    )
+    assert render_answer(ai, specs) == text + "<|end|>"
+    assert split_answer(text) == (
+        "Booking.",
+        [{"name": "book", "args": {"city": "Paris", "nights": 2, "budget": 90.0}}],
+    )
+    tool_result = ToolMessage("sunny", tool_call_id="x", name="weather")
+    assert "<|tool|>\nweather: sunny\n" in render_prompt([HumanMessage("q"), ai, tool_result])
+    with pytest.raises(ValueError, match="JSON array"):
+        split_answer('<|call|>{"name": "x"}')
