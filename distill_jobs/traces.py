@@ -60,7 +60,7 @@ from langchain_core.messages import (
 )
 
 from langchain_understudy.errors import TraceError
-from langchain_understudy.prompting import message_text, tool_specs
+from langchain_understudy.prompting import message_text
 
 if TYPE_CHECKING:
     from langchain_understudy.distill_jobs.redact import Redactor
@@ -395,14 +395,6 @@ class Trace:
             if not isinstance(obj["tools"], list):
                 msg = f"'tools' must be a list, got {type(obj['tools']).__name__}"
                 raise TraceError(msg)
-            try:
-                tool_specs(obj["tools"])
-            except (ValueError, TypeError, KeyError, AttributeError) as e:
-                msg = (
-                    '\'tools\' must be OpenAI tool objects such as {"type": "function", '
-                    f'"function": {{"name": ..., "parameters": {{...}}}}}} ({e})'
-                )
-                raise TraceError(msg) from None
             meta["tools"] = obj["tools"]
         fields = _fields_from_metadata(meta)
         answer = _as_ai_message(messages[-1])

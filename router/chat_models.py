@@ -43,7 +43,7 @@ from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.language_models.chat_models import LangSmithParams
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.runnables import RunnableConfig, ensure_config
+from langchain_core.runnables import Runnable, RunnableConfig, ensure_config
 from pydantic import ConfigDict, Field, PrivateAttr, model_validator
 
 from langchain_understudy.config import FactSelection
@@ -53,7 +53,7 @@ from langchain_understudy.errors import (
     StudentError,
     TeacherUnavailableError,
 )
-from langchain_understudy.prompting import Fact, message_text, select_facts
+from langchain_understudy.prompting import Fact, message_text, select_facts, tool_specs
 from langchain_understudy.router._flow import (
     AskTeacher,
     Done,
@@ -229,8 +229,19 @@ class Inspection:
 
 
 def _chunk_of(message: AIMessage) -> AIMessageChunk:
+    calls = [
+        {
+            "index": i,
+            "id": c.get("id"),
+            "name": c["name"],
+            "args": json.dumps(c["args"], ensure_ascii=False),
+            "type": "tool_call_chunk",
+        }
+        for i, c in enumerate(message.tool_calls)
+    ]
     return AIMessageChunk(
         content=message.content,
+        tool_call_chunks=calls,  # type: ignore[arg-type]
         additional_kwargs=dict(message.additional_kwargs),
         response_metadata=dict(message.response_metadata),
         usage_metadata=message.usage_metadata,
@@ -668,7 +679,9 @@ class ChatUnderstudy(BaseChatModel):
             out["stop"] = stops
         return out
 
-    def _teacher_kwargs(self, stop: list[str] | None) -> dict[str, Any]:
+    def _teacher_kwargs(
+        self, stop: list[str] | None, kwargs: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         stops = [*(self.stop or []), *(stop or [])]
         out: dict[str, Any] = {
             "stop": stops or None,
@@ -677,7 +690,45 @@ class ChatUnderstudy(BaseChatModel):
         }
         if self.max_tokens is not None:
             out["max_tokens"] = self.max_tokens
+        tools = (kwargs or {}).get("tools")
+        if tools:
+            # the OpenAI wire format, which ChatOpenAI and OpenAI-compatible teachers take
+            out["tools"] = tools
+            choice = (kwargs or {}).get("tool_choice", "auto")
+            out["tool_choice"] = (
+                {"type": "function", "function": {"name": choice}}
+                if choice not in ("auto", "none", "any")
+                else "required"
+                if choice == "any"
+                else choice
+            )
         return out
+
+    def bind_tools(
+        self,
+        tools: Sequence[Any],
+        *,
+        tool_choice: str | dict[str, Any] | bool | None = None,
+        parallel_tool_calls: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """Bind tools for the student and the teacher alike; each turn is routed as usual.
+
+        The student decodes calls under a grammar built from the tools' schemas
+        (:meth:`ChatStudent.bind_tools <langchain_understudy.students.ChatStudent.bind_tools>`);
+        the teacher receives the same tools in the OpenAI format as call arguments
+        (``tools=``, ``tool_choice=``), which ChatOpenAI and OpenAI-compatible teachers accept.
+        Whoever answers a turn also answers the tool calls it makes; the next turn, with the
+        tools' results, is routed afresh.
+        """
+        from langchain_understudy.students._tool_calls import normalize_tool_choice
+
+        specs = tool_specs(tools)
+        choice = normalize_tool_choice(tool_choice, [t["name"] for t in specs])
+        if parallel_tool_calls is not None:
+            kwargs["parallel_tool_calls"] = parallel_tool_calls
+        formatted = [{"type": "function", "function": spec} for spec in specs]
+        return self.bind(tools=formatted, tool_choice=choice, **kwargs)
 
     # -- the end of every request -------------------------------------------------------------------
     def _complete(self, done: Done) -> AIMessage:
@@ -724,7 +775,7 @@ class ChatUnderstudy(BaseChatModel):
         if isinstance(step, AskTeacher):
             assert self._guard is not None
             try:
-                return self._guard.invoke(step.messages, **self._teacher_kwargs(stop))
+                return self._guard.invoke(step.messages, **self._teacher_kwargs(stop, kw))
             except TeacherUnavailableError as e:
                 return e
         assert isinstance(step, RunStudent)
@@ -749,7 +800,7 @@ class ChatUnderstudy(BaseChatModel):
         if isinstance(step, AskTeacher):
             assert self._guard is not None
             try:
-                return await self._guard.ainvoke(step.messages, **self._teacher_kwargs(stop))
+                return await self._guard.ainvoke(step.messages, **self._teacher_kwargs(stop, kw))
             except TeacherUnavailableError as e:
                 return e
         assert isinstance(step, RunStudent)
@@ -914,8 +965,10 @@ def _as_ai(message: Any) -> AIMessage:
 
 
 def _plain(piece: AIMessageChunk) -> AIMessageChunk:
-    """A content-only copy of a student chunk (metadata travels on the last chunk only)."""
-    return AIMessageChunk(content=piece.content, id=piece.id)
+    """A copy of a student chunk without metadata (that travels on the last chunk only)."""
+    return AIMessageChunk(
+        content=piece.content, id=piece.id, tool_call_chunks=piece.tool_call_chunks
+    )
 
 
 def _as_chunk(piece: Any) -> AIMessageChunk:

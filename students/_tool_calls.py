@@ -33,6 +33,13 @@ def normalize_tool_choice(choice: Any, names: Sequence[str]) -> str:
     Raises:
         ConfigError: An unknown choice, or a tool name that is not bound.
     """
+    if isinstance(choice, Mapping):
+        fn = choice.get("function")
+        name = fn.get("name") if isinstance(fn, Mapping) else choice.get("name")
+        if not isinstance(name, str):
+            msg = f"tool_choice must name a tool as {{'function': {{'name': ...}}}}, got {choice!r}"
+            raise ConfigError(msg)
+        choice = name
     if choice is None or choice == "auto":
         return "auto" if names else "none"
     if choice is False or choice == "none":
@@ -42,13 +49,6 @@ def normalize_tool_choice(choice: Any, names: Sequence[str]) -> str:
             msg = f"tool_choice={choice!r} needs at least one bound tool; pass tools= too"
             raise ConfigError(msg)
         return "any"
-    if isinstance(choice, Mapping):
-        fn = choice.get("function")
-        name = fn.get("name") if isinstance(fn, Mapping) else choice.get("name")
-        if not isinstance(name, str):
-            msg = f"tool_choice must name a tool as {{'function': {{'name': ...}}}}, got {choice!r}"
-            raise ConfigError(msg)
-        choice = name
     if isinstance(choice, str) and choice in names:
         return choice
     msg = (

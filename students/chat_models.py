@@ -463,6 +463,7 @@ class ChatStudent(BaseChatModel):
         """The bound tools of a call (``tools=`` / ``tool_choice=``), or ``None``."""
         specs = tool_specs(kwargs.get("tools"))
         if not specs:
+            normalize_tool_choice(kwargs.get("tool_choice"), [])  # a forced choice needs tools
             return None
         choice = normalize_tool_choice(kwargs.get("tool_choice"), [t["name"] for t in specs])
         if choice == "none":

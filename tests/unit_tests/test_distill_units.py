@@ -34,7 +34,13 @@ def test_build_examples_dedupes_filters_and_uses_the_serving_prompt() -> None:
 
     examples, dropped = build_examples(pairs, facts=lookup)
     assert len(examples) == 5
-    assert dropped == {"empty_answer": 1, "long_answer": 0, "error": 1, "duplicate": 1}
+    assert dropped == {
+        "empty_answer": 1,
+        "long_answer": 0,
+        "error": 1,
+        "duplicate": 1,
+        "bad_tools": 0,
+    }
     ex = next(e for e in examples if e.messages[0].content == "question 1")
     assert ex.answer == "newer answer"  # the latest answer wins
     assert ex.prompt == render_prompt(ex.messages, [Fact("fact for question 1")])
