@@ -159,3 +159,106 @@ def trained_gguf(trained_checkpoint: Path, tmp_path_factory: pytest.TempPathFact
     d = tmp_path_factory.mktemp("trained_gguf")
     f16 = export_gguf(trained_checkpoint, d / "colors.f16.gguf")
     return quantize_gguf(f16, d / "colors.Q8_0.gguf", "Q8_0")
+
+
+def suite_tool_traces() -> list[tuple[list, object, dict]]:
+    """(conversation, teacher answer, metadata) triples that call the tools of langchain-tests'
+    tool-calling suites, as a teacher would, with the tools recorded in the metadata."""
+    from langchain_core.language_models import GenericFakeChatModel
+    from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+    from langchain_core.output_parsers import StrOutputParser
+    from langchain_core.prompts import ChatPromptTemplate
+    from langchain_core.tools import tool
+    from langchain_core.utils.function_calling import convert_to_openai_tool
+    from langchain_tests.integration_tests.chat_models import (
+        magic_function,
+        magic_function_no_args,
+        unicode_customer,
+    )
+
+    @tool
+    def get_weather(location: str) -> str:
+        """Get the weather at a location."""
+        return "It's sunny."
+
+    prompt = ChatPromptTemplate.from_messages(
+        [("human", "Hello. Please respond in the style of {answer_style}.")]
+    )
+    chain = prompt | GenericFakeChatModel(messages=iter(["hello matey"])) | StrOutputParser()
+    greeting = chain.as_tool(
+        name="greeting_generator",
+        description="Generate a greeting in a particular style of speaking.",
+    )
+    rng = random.Random(0)
+    out: list[tuple[list, object, dict]] = []
+
+    def call(tool_obj: object, question: str, name: str, args: dict) -> None:
+        meta = {"tools": [convert_to_openai_tool(tool_obj)]}
+        answer = AIMessage("", tool_calls=[{"name": name, "args": args, "id": f"c{len(out)}"}])
+        out.append(([HumanMessage(question)], answer, meta))
+
+    for n in [3, *rng.sample(range(1000), 40)]:
+        call(
+            magic_function,
+            f"What is the value of magic_function({n})? Use the tool.",
+            "magic_function",
+            {"input": n},
+        )
+    for q in [
+        "What is the value of magic_function_no_args()? Use the tool.",
+        "Use the tool: magic_function_no_args()",
+        "Call magic_function_no_args now.",
+    ]:
+        call(magic_function_no_args, q, "magic_function_no_args", {})
+    for style in ["Pirate", "Shakespeare", "Cowboy", "Robot", "Yoda", "Surfer", "Knight"]:
+        call(
+            greeting,
+            f"Using the tool, generate a {style} greeting.",
+            "greeting_generator",
+            {"answer_style": style},
+        )
+    for city in ["San Francisco, CA", "Paris", "Boston, MA", "Tokyo", "Berlin", "Austin, TX"]:
+        question = f"What is the weather in {city}?"
+        call(get_weather, question, "get_weather", {"location": city})
+        asked = out[-1][1]
+        result = ToolMessage("It's sunny.", tool_call_id=asked.tool_calls[0]["id"])
+        meta = {"tools": [convert_to_openai_tool(get_weather)]}
+        out.append(([HumanMessage(question), asked, result], "It's sunny.", meta))
+    for name, what in [
+        ("你好啊集团", "Hello Group) - a Chinese technology company"),
+        ("こんにちは株式会社", "Hello Corporation) - a Japanese company"),
+        ("Café Zürich", "Cafe Zurich) - a Swiss bakery"),
+    ]:
+        call(
+            unicode_customer,
+            f"Create a customer named '{name}' ({what}",
+            "unicode_customer",
+            {"customer_name": name, "description": what.split(") - ")[1]},
+        )
+    for a, b in [(1, 2), (3, 4), (2, 5), (7, 1)]:
+        out.append(([HumanMessage(f"What is {a} + {b}")], str(a + b), {}))
+    out.append(([HumanMessage("Hello")], "Hello!", {}))
+    out.append(([HumanMessage("hello")], "Hello!", {}))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tool_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny student distilled to call the langchain-tests suites' tools (about 30 s)."""
+    from langchain_understudy.distill_jobs.dataset import build_examples
+    from langchain_understudy.distill_jobs.scratch import ScratchSize
+    from langchain_understudy.distill_jobs.training import TrainSettings, train_student
+    from langchain_understudy.students import export_gguf, quantize_gguf
+
+    examples, _ = build_examples(suite_tool_traces())
+    out = tmp_path_factory.mktemp("tool_student")
+    settings = TrainSettings(
+        epochs=40,
+        batch_size=8,
+        learning_rate=3e-3,
+        vocab_size=600,
+        size=ScratchSize(hidden=96, layers=2, heads=4, kv_heads=2, ffn=192, context=512),
+    )
+    ckpt = train_student(examples, out, settings).checkpoint_dir
+    f16 = export_gguf(ckpt, out / "tools.f16.gguf")
+    return quantize_gguf(f16, out / "tools.Q8_0.gguf", "Q8_0")

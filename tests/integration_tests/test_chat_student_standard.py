@@ -1,4 +1,8 @@
-"""langchain-tests standard suites for ChatStudent against a real distilled GGUF built by the fixtures."""
+"""langchain-tests standard suites for ChatStudent, tool calling on, against a real distilled GGUF.
+
+The student (the ``tool_gguf`` fixture) was distilled from teacher traces that call the suites'
+own tools, as an agent's traces would.
+"""
 
 from __future__ import annotations
 
@@ -16,8 +20,8 @@ pytestmark = pytest.mark.slow
 
 class _Params:
     @pytest.fixture(autouse=True)
-    def _gguf(self, trained_gguf: Path) -> None:
-        type(self)._path = trained_gguf
+    def _gguf(self, tool_gguf: Path) -> None:
+        type(self)._path = tool_gguf
 
     @property
     def chat_model_class(self) -> type[ChatStudent]:
@@ -25,22 +29,34 @@ class _Params:
 
     @property
     def chat_model_params(self) -> dict[str, Any]:
-        # The test student is tiny and was only trained to name colours: cap JSON strings so
-        # grammar-constrained answers close within max_tokens.
-        return {"model_path": type(self)._path, "n_ctx": 512, "json_max_string_length": 12}
+        # The test student is tiny: cap JSON strings so grammar-constrained answers (calls and
+        # structured output alike) close within max_tokens.
+        return {"model_path": type(self)._path, "n_ctx": 512, "json_max_string_length": 24}
 
     @property
     def standard_chat_model_params(self) -> dict[str, Any]:
         # A local model has no timeout, retries or API key; it takes the rest.
-        return {"temperature": 0, "max_tokens": 64, "stop": []}
+        return {"temperature": 0, "max_tokens": 160, "stop": []}
 
     @property
     def has_structured_output(self) -> bool:
         return True
 
     @property
+    def has_tool_calling(self) -> bool:
+        return True
+
+    @property
+    def has_tool_choice(self) -> bool:
+        return True
+
+    @property
+    def supports_json_mode(self) -> bool:
+        return True
+
+    @property
     def structured_output_kwargs(self) -> dict[str, Any]:
-        return {"method": "json_schema"}
+        return {"method": "function_calling"}
 
     @property
     def supports_model_override(self) -> bool:
