@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, ToolMessage
@@ -127,3 +128,36 @@ def test_bad_tool_choice_is_a_clear_error(student: ChatStudent) -> None:
         student.bind_tools(TOOLS, tool_choice="search")
     with pytest.raises(ConfigError, match="bound tool"):
         student.invoke("hi", tool_choice="any")
+
+
+@pytest.mark.parametrize("routed", [False, True])
+def test_an_agent_runs_on_the_distilled_student(tool_gguf: Path, routed: bool) -> None:
+    """``create_agent`` with the student (or ChatUnderstudy over it) as the agent's own model."""
+    from langchain.agents import create_agent
+    from langchain_core.language_models import GenericFakeChatModel
+
+    from langchain_understudy.router import ChatUnderstudy, Router
+
+    seen: list[dict] = []
+
+    @tool
+    def get_weather(location: str) -> str:
+        """Get the weather at a location."""
+        seen.append({"location": location})
+        return "It's sunny."
+
+    student = ChatStudent(model_path=tool_gguf, n_ctx=512, max_tokens=96)
+    model: Any = student
+    if routed:  # threshold 1.0: the student answers every turn; the teacher is never asked
+        teacher = GenericFakeChatModel(messages=iter([AIMessage("teacher")]))
+        model = ChatUnderstudy(student=student, teacher=teacher, router=Router(threshold=1.0))
+    agent = create_agent(model=model, tools=[get_weather])
+    out = agent.invoke({"messages": [HumanMessage("What is the weather in San Francisco, CA?")]})
+    messages = out["messages"]
+    assert seen == [{"location": "San Francisco, CA"}]  # the call, with the argument copied
+    assert isinstance(messages[-2], ToolMessage)
+    assert isinstance(messages[-1], AIMessage) and not messages[-1].tool_calls
+    assert "sunny" in str(messages[-1].content)
+    if routed:
+        meta = messages[-1].response_metadata["understudy"]
+        assert meta["answered_by"] == "student"
