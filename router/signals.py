@@ -48,12 +48,15 @@ __all__ = [
     "RoutingRules",
     "SignalAbsent",
     "SignalSpec",
+    "TOOL_SIGNALS",
     "context_fraction",
     "depends_on_history",
     "document_to_fact",
     "ood_distance",
     "retrieval_similarity",
+    "call_args_from_history",
     "student_confidence",
+    "tool_call_confidence",
     "user_turns",
 ]
 
@@ -396,6 +399,46 @@ def student_confidence(ctx: RoutingContext) -> float:
     return float(value)
 
 
+def _student_calls(ctx: RoutingContext) -> list[dict[str, Any]]:
+    if ctx.student_output is None:
+        raise SignalAbsent("the student has not answered yet")
+    calls = list(getattr(ctx.student_output, "tool_calls", None) or [])
+    if not calls:
+        raise SignalAbsent("the student's answer calls no tool")
+    return calls
+
+
+def tool_call_confidence(ctx: RoutingContext) -> float:
+    """The student's confidence in the tool calls it wrote (their tokens only), in [0, 1].
+
+    Read from ``response_metadata["tool_call_confidence"]``; absent on turns without a call.
+    """
+    _student_calls(ctx)
+    value = ctx.student_output.response_metadata.get("tool_call_confidence")  # type: ignore[union-attr]
+    if value is None:
+        raise SignalAbsent("the student did not report a tool-call confidence")
+    return float(value)
+
+
+def call_args_from_history(ctx: RoutingContext) -> float:
+    """Share of the student's call arguments whose value is not in the last user turn, in [0, 1].
+
+    An argument the user just typed is copied; one that must come from earlier turns (a date
+    agreed three turns ago) is where small students slip. Absent on turns without a call or
+    without arguments.
+    """
+    values = [
+        " ".join(str(v).casefold().split())
+        for call in _student_calls(ctx)
+        for v in (call.get("args") or {}).values()
+        if v not in (None, "")
+    ]
+    if not values:
+        raise SignalAbsent("the student's calls have no arguments")
+    last = " ".join(ctx.last_user_text().casefold().split())
+    return sum(1 for v in values if v not in last) / len(values)
+
+
 @dataclass(frozen=True)
 class SignalSpec:
     """How a signal is read.
@@ -433,6 +476,15 @@ DEFAULT_SIGNALS: tuple[SignalSpec, ...] = (
     SignalSpec("student_confidence", student_confidence, "post", False, (0.0, 1.0), (0.8, 0.2)),
 )
 """The built-in signals, in evaluation order."""
+
+TOOL_SIGNALS: tuple[SignalSpec, ...] = (
+    SignalSpec("tool_call_confidence", tool_call_confidence, "post", False, (0.0, 1.0), (0.8, 0.2)),
+    SignalSpec(
+        "call_args_from_history", call_args_from_history, "post", True, (0.0, 1.0), (0.3, 1.0)
+    ),
+)
+"""Post-generation signals for turns where the student calls tools (both are absent on other
+turns); opt in with ``Router(signals=(*DEFAULT_SIGNALS, *TOOL_SIGNALS))``."""
 
 
 # -- rules -----------------------------------------------------------------------------------------

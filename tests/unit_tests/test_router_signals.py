@@ -196,3 +196,33 @@ def test_default_ramps() -> None:
     assert specs["student_confidence"].default_risk(0.0) == sig.MAX_RAMP_RISK
     assert specs["ood_distance"].default_risk(0.5) == pytest.approx(0.5 * sig.MAX_RAMP_RISK)
     assert specs["user_turns"].default_risk(1) == 0.0
+
+
+def test_tool_call_signals_read_the_students_calls() -> None:
+    from langchain_understudy.router import Router
+    from langchain_understudy.router.signals import (
+        DEFAULT_SIGNALS,
+        TOOL_SIGNALS,
+        SignalAbsent,
+        call_args_from_history,
+        tool_call_confidence,
+    )
+
+    history = [
+        HumanMessage("Book a table in Paris"),
+        AIMessage("For when?"),
+        HumanMessage("at 7pm"),
+    ]
+    call = {"name": "book", "args": {"city": "Paris", "time": "7pm"}, "id": "c1"}
+    out = AIMessage("", tool_calls=[call], response_metadata={"tool_call_confidence": 0.4})
+    ctx = RoutingContext(history, student_output=out)
+    assert tool_call_confidence(ctx) == pytest.approx(0.4)
+    # "Paris" came two user turns ago; "7pm" is in the last one
+    assert call_args_from_history(ctx) == pytest.approx(0.5)
+    for fn in (tool_call_confidence, call_args_from_history):
+        with pytest.raises(SignalAbsent):  # a text answer has no call to judge
+            fn(RoutingContext(history, student_output=AIMessage("ok")))
+    router = Router(threshold=0.5, signals=(*DEFAULT_SIGNALS, *TOOL_SIGNALS))
+    assert {"tool_call_confidence", "call_args_from_history"} <= {
+        s.name for s in router.stage_signals("cascade")
+    }
