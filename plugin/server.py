@@ -5,6 +5,15 @@ Endpoints: ``POST /v1/chat/completions`` (with and without ``stream``), ``GET /v
 request counts, a latency histogram, who answered and the teacher-call rate). Any OpenAI client
 can point its ``base_url`` at ``http://127.0.0.1:8321/v1``.
 
+Tool calling and structured output are served as OpenAI defines them: ``tools``, ``tool_choice``
+(``auto``, ``none``, ``required`` or a named function), ``parallel_tool_calls`` and the deprecated
+``functions``/``function_call`` reach the model as ``tools=``/``tool_choice=`` (a student decodes
+its calls under a grammar built from the tools' schemas); ``response_format`` ``json_object`` and
+``json_schema`` reach it as ``json_schema=``. Answers carry ``message.tool_calls`` and
+``finish_reason: "tool_calls"``; streams send ``delta.tool_calls`` as OpenAI does (id and name on
+a call's first chunk, fragments of its arguments after). Assistant messages with ``tool_calls``
+and ``tool`` messages answering them by ``tool_call_id`` are accepted in the conversation.
+
 Safety: the server binds 127.0.0.1 by default and refuses any other address unless the API key
 variable (``server.api_key_env``, default ``UNDERSTUDY_API_KEY``) is set, in which case every
 ``/v1`` and ``/metrics`` request must carry ``Authorization: Bearer <key>``. Request bodies and
@@ -25,12 +34,14 @@ import logging
 import math
 import numbers
 import os
+import re
 import socket
 import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -41,8 +52,11 @@ from langchain_core.messages import (
     BaseMessage,
     HumanMessage,
     SystemMessage,
+    ToolCall,
+    ToolCallChunk,
     ToolMessage,
 )
+from langchain_core.messages.tool import tool_call_chunk
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -144,6 +158,7 @@ class ServerMetrics(Collector):
         self.latency_sum = 0.0
         self.latency_count = 0
         self.answers: Counter[str] = Counter()
+        self.finishes: Counter[str] = Counter()
         self.blocked = 0
         self.in_flight = 0
         self.started = time.time()
@@ -156,9 +171,13 @@ class ServerMetrics(Collector):
         with self._lock:
             self.requests[(endpoint, int(status))] += 1
 
-    def observe_completion(self, seconds: float, meta: Mapping[str, Any] | None) -> None:
-        """Record one chat completion's latency and who answered it."""
+    def observe_completion(
+        self, seconds: float, meta: Mapping[str, Any] | None, finish_reason: str | None = None
+    ) -> None:
+        """Record one chat completion's latency, who answered it and why it finished."""
         with self._lock:
+            if finish_reason is not None:
+                self.finishes[finish_reason] += 1
             for i, bound in enumerate(self.buckets):
                 if seconds <= bound:
                     self.bucket_counts[i] += 1
@@ -203,6 +222,13 @@ class ServerMetrics(Collector):
             )
             for by in sorted({"student", "teacher", *self.answers}):
                 answers.add_metric([by], self.answers[by])
+            finishes = CounterMetricFamily(
+                "understudy_chat_completions",
+                "Chat completions by finish reason (stop, length, tool_calls, function_call).",
+                labels=["finish_reason"],
+            )
+            for reason in sorted({"stop", "length", "tool_calls", *self.finishes}):
+                finishes.add_metric([reason], self.finishes[reason])
             blocked = CounterMetricFamily(
                 "understudy_escalations_blocked",
                 "Escalations that could not reach the teacher (none configured, down, over "
@@ -213,6 +239,7 @@ class ServerMetrics(Collector):
         yield requests
         yield latency
         yield answers
+        yield finishes
         yield GaugeMetricFamily(
             "understudy_teacher_call_rate",
             "Share of completions answered by the teacher.",
@@ -276,10 +303,12 @@ class _ContentPart(BaseModel):
 class _Message(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[_ContentPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
+    tool_calls: list[Any] | None = None
+    function_call: Any = None
 
 
 class _StreamOptions(BaseModel):
@@ -304,8 +333,16 @@ class ChatCompletionRequest(BaseModel):
     n: int | None = Field(default=None, ge=1)
     stop: str | list[str] | None = None
     tools: list[Any] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
     functions: list[Any] | None = None
+    function_call: Any = None
     response_format: dict[str, Any] | None = None
+
+    @property
+    def legacy_functions(self) -> bool:
+        """Whether the request uses the deprecated ``functions`` API (answered as ``function_call``)."""
+        return bool(self.functions) and not self.tools
 
 
 def _text(content: str | list[_ContentPart] | None, where: str) -> str:
@@ -326,32 +363,433 @@ def _text(content: str | list[_ContentPart] | None, where: str) -> str:
 
 
 def _to_messages(req: ChatCompletionRequest) -> list[BaseMessage]:
+    """The request's messages as LangChain messages.
+
+    An assistant message's ``tool_calls`` (or deprecated ``function_call``) become
+    ``AIMessage.tool_calls``; a ``tool`` message must answer one of them by ``tool_call_id`` (a
+    ``function`` message by the function's name) and becomes a ``ToolMessage`` named after the tool.
+    """
     out: list[BaseMessage] = []
+    called: dict[str, str] = {}  # tool_call_id -> tool name, for every call made so far
     for i, m in enumerate(req.messages):
-        text = _text(m.content, f"messages.{i}")
+        where = f"messages.{i}"
+        text = _text(m.content, where)
         if m.role in ("system", "developer"):
             out.append(SystemMessage(text))
         elif m.role == "user":
             out.append(HumanMessage(text, name=m.name) if m.name else HumanMessage(text))
         elif m.role == "assistant":
-            out.append(AIMessage(text))
-        else:
+            calls = _request_calls(m, where)
+            called.update((str(c["id"]), c["name"]) for c in calls)
+            out.append(AIMessage(text, tool_calls=calls))
+        elif m.role == "tool":
             if not m.tool_call_id:
+                raise _ApiError(400, "a message with role 'tool' needs tool_call_id", param=where)
+            if m.tool_call_id not in called:
                 raise _ApiError(
-                    400, "a message with role 'tool' needs tool_call_id", param=f"messages.{i}"
+                    400,
+                    f"{where}: tool_call_id {m.tool_call_id!r:.80} answers no tool call of an "
+                    "earlier assistant message; send the assistant message whose tool_calls made "
+                    "the call before the tool's result, with the same id",
+                    param=f"{where}.tool_call_id",
                 )
-            out.append(ToolMessage(text, tool_call_id=m.tool_call_id))
+            name = called[m.tool_call_id]
+            out.append(ToolMessage(text, tool_call_id=m.tool_call_id, name=name))
+        else:  # "function": a result in the deprecated functions API, matched by name
+            ids = [cid for cid, name in called.items() if name == m.name]
+            if not ids:
+                raise _ApiError(
+                    400,
+                    f"{where}: a message with role 'function' must carry the name of a function "
+                    f"an earlier assistant message called (its function_call.name), got "
+                    f"{m.name!r:.80}",
+                    param=f"{where}.name",
+                )
+            out.append(ToolMessage(text, tool_call_id=ids[-1], name=m.name))
     return out
 
 
-def _check_json(value: Any) -> None:
+def _request_calls(m: _Message, where: str) -> list[ToolCall]:
+    """An assistant message's ``tool_calls`` (or deprecated ``function_call``), validated."""
+    if m.tool_calls:
+        out: list[ToolCall] = []
+        for j, call in enumerate(m.tool_calls):
+            at = f"{where}.tool_calls.{j}"
+            if not isinstance(call, dict) or call.get("type", "function") != "function":
+                raise _ApiError(
+                    400,
+                    f'{at}: a tool call is {{"id": ..., "type": "function", "function": '
+                    '{"name": ..., "arguments": "<JSON object as a string>"}}',
+                    param=at,
+                )
+            call_id = call.get("id")
+            if not isinstance(call_id, str) or not call_id:
+                raise _ApiError(
+                    400,
+                    f"{at}.id: a tool call needs its id (a non-empty string); the tool message "
+                    "answering it repeats it as tool_call_id",
+                    param=f"{at}.id",
+                )
+            out.append(_request_call(call.get("function"), f"{at}.function", call_id))
+        return out
+    if m.function_call is not None:
+        call_id = f"call_{where.replace('.', '_')}"  # the function message answers by name
+        return [_request_call(m.function_call, f"{where}.function_call", call_id)]
+    return []
+
+
+def _request_call(fn: Any, at: str, call_id: str) -> ToolCall:
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+        raise _ApiError(
+            400,
+            f'{at}: must be {{"name": ..., "arguments": "<JSON object as a string>"}}, naming '
+            "the function that was called",
+            param=f"{at}.name",
+        )
+    args = _arguments(fn.get("arguments"), f"{at}.arguments")
+    return ToolCall(name=fn["name"], args=args, id=call_id, type="tool_call")
+
+
+def _arguments(value: Any, at: str) -> dict[str, Any]:
+    """A tool call's ``arguments`` string parsed to the arguments object (missing or empty: ``{}``)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return {}
+    if not isinstance(value, str):
+        raise _ApiError(
+            400,
+            f"{at}: a tool call's arguments are a JSON object encoded as a string "
+            f"(json.dumps(args)), got a JSON {_json_type(value)}",
+            param=at,
+        )
+    try:
+        args = json.loads(value)
+    except RecursionError:
+        raise _ApiError(
+            400, f"{at}: the arguments are nested more than {MAX_JSON_DEPTH} levels deep", param=at
+        ) from None
+    except ValueError as e:
+        raise _ApiError(
+            400,
+            f"{at}: the arguments are not valid JSON ({e}); send json.dumps of the arguments "
+            "object",
+            param=at,
+        ) from None
+    if not isinstance(args, dict):
+        raise _ApiError(
+            400,
+            f"{at}: the arguments must encode a JSON object (name -> value), got a JSON "
+            f"{_json_type(args)}",
+            param=at,
+        )
+    _check_json(args, at)
+    return args
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    kinds = ((dict, "object"), (list, "array"), (str, "string"), ((int, float), "number"))
+    return next((name for kind, name in kinds if isinstance(value, kind)), "null")
+
+
+# -- tools and structured output --------------------------------------------------------------------
+
+_TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+_TOOL_FORM = (
+    '{"type": "function", "function": {"name": ..., "description": ..., "parameters": {...}}}'
+)
+
+
+def _model_options(req: ChatCompletionRequest) -> dict[str, Any]:
+    """Validate the request's tool and output options into chat-model kwargs.
+
+    ``tools``, ``tool_choice`` and ``parallel_tool_calls`` (or the deprecated ``functions`` and
+    ``function_call``) become ``tools=``, ``tool_choice=`` and ``parallel_tool_calls=``;
+    ``response_format`` becomes ``json_schema=``.
+
+    Example:
+        >>> req = ChatCompletionRequest.model_validate({
+        ...     "messages": [{"role": "user", "content": "hi"}],
+        ...     "tools": [{"type": "function", "function": {"name": "now"}}],
+        ...     "tool_choice": "required", "response_format": {"type": "json_object"}})
+        >>> opts = _model_options(req)
+        >>> opts["tools"][0]["function"]["parameters"], opts["tool_choice"], opts["json_schema"]
+        ({'type': 'object', 'properties': {}}, 'any', {'type': 'object'})
+    """
+    if req.tools and req.functions:
+        raise _ApiError(
+            400, "send tools or the deprecated functions, not both; tools is preferred",
+            param="functions",
+        )  # fmt: skip
+    legacy = req.legacy_functions
+    kw: dict[str, Any] = {}
+    tools = _tools(req.functions or [], "functions") if legacy else _tools(req.tools or [], "tools")
+    names = [t["function"]["name"] for t in tools]
+    if legacy:
+        choice = _tool_choice(req.function_call, names, "function_call")
+    else:
+        choice = _tool_choice(req.tool_choice, names, "tool_choice")
+    if tools:
+        kw["tools"] = tools
+        if choice is not None:
+            kw["tool_choice"] = choice
+        if legacy:
+            kw["parallel_tool_calls"] = False  # the functions API makes one call at most
+        elif req.parallel_tool_calls is not None:
+            kw["parallel_tool_calls"] = req.parallel_tool_calls
+    schema = _json_schema(req.response_format)
+    if schema is not None:
+        kw["json_schema"] = schema
+    return kw
+
+
+def _tools(items: list[Any], param: str) -> list[dict[str, Any]]:
+    """Validate ``tools`` (or ``functions``: bare function objects) into OpenAI tool dicts."""
+    out: list[dict[str, Any]] = []
+    for i, item in enumerate(items):
+        at = f"{param}.{i}"
+        if param == "functions":
+            fn, fn_at = item, at
+        elif not isinstance(item, dict) or item.get("type") != "function":
+            raise _ApiError(
+                400, f"{at}: only function tools are served; send {_TOOL_FORM}", param=f"{at}.type"
+            )
+        else:
+            fn, fn_at = item.get("function"), f"{at}.function"
+        if not isinstance(fn, dict):
+            raise _ApiError(
+                400,
+                f'{fn_at}: a function is {{"name": ..., "description": ..., "parameters": '
+                f"{{...}}}}, got {fn!r:.80}",
+                param=fn_at,
+            )
+        name = fn.get("name")
+        if not isinstance(name, str) or not _TOOL_NAME.fullmatch(name):
+            raise _ApiError(
+                400,
+                f"{fn_at}.name: a tool's name is 1 to 64 letters, digits, '_' or '-', "
+                f"got {name!r:.80}",
+                param=f"{fn_at}.name",
+            )
+        if any(t["function"]["name"] == name for t in out):
+            raise _ApiError(
+                400, f"{fn_at}.name: two tools are named {name!r}; give each its own name",
+                param=f"{fn_at}.name",
+            )  # fmt: skip
+        description = fn.get("description")
+        if description is not None and not isinstance(description, str):
+            raise _ApiError(
+                400, f"{fn_at}.description: must be a string", param=f"{fn_at}.description"
+            )
+        params = fn.get("parameters")
+        if params is None:
+            params = {"type": "object", "properties": {}}
+        elif not isinstance(params, dict) or params.get("type", "object") != "object":
+            raise _ApiError(
+                400,
+                f"{fn_at}.parameters: must be a JSON schema of type 'object' describing the "
+                'arguments object, e.g. {"type": "object", "properties": {"city": '
+                '{"type": "string"}}, "required": ["city"]}',
+                param=f"{fn_at}.parameters",
+            )
+        spec: dict[str, Any] = {"name": name, "parameters": params}
+        if description:
+            spec["description"] = description
+        out.append({"type": "function", "function": spec})
+    return out
+
+
+def _tool_choice(value: Any, names: list[str], param: str) -> str | None:
+    """Map OpenAI's ``tool_choice`` (or ``function_call``) to the model's.
+
+    That is ``"auto"``, ``"none"``, ``"any"`` or a tool's name; ``None`` when the request leaves
+    it to the default.
+    """
+    legacy = param == "function_call"
+    form = '{"name": ...}' if legacy else '{"type": "function", "function": {"name": ...}}'
+    if value is None or value in ("auto", "none"):
+        return None if value is None else str(value)
+    if value == "required" and not legacy:
+        choice = "any"
+    elif isinstance(value, dict):
+        fn = value if legacy else value.get("function") if value.get("type") == "function" else None
+        named = fn.get("name") if isinstance(fn, dict) else None
+        if not isinstance(named, str):
+            raise _ApiError(400, f"{param}: name the tool to call as {form}", param=param)
+        choice = named
+    else:
+        forms = "'auto', 'none'" if legacy else "'auto', 'none', 'required'"
+        raise _ApiError(400, f"{param} must be {forms} or {form}, got {value!r:.80}", param=param)
+    if not names:
+        raise _ApiError(
+            400,
+            f"{param} asks for a tool call but the request has no {'functions' if legacy else 'tools'}; "
+            "send the tools too",
+            param=param,
+        )
+    if choice != "any" and choice not in names:
+        raise _ApiError(
+            400,
+            f"{param} names {choice!r:.80}, which is not one of the request's tools {names}; "
+            "name one of them" + ("" if legacy else " or use 'required'"),
+            param=param,
+        )
+    return choice
+
+
+def _json_schema(fmt: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The JSON schema ``response_format`` asks the answer to follow (``None``: free text)."""
+    kind = (fmt or {}).get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind == "json_schema":
+        spec = (fmt or {}).get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise _ApiError(
+                400,
+                "response_format.json_schema.schema: a json_schema response format is "
+                '{"type": "json_schema", "json_schema": {"name": ..., "schema": {<JSON schema>}}}',
+                param="response_format.json_schema.schema",
+            )
+        return schema
+    raise _ApiError(
+        400,
+        f"response_format type {kind!r:.80} is not supported; use 'text', 'json_object' or "
+        "'json_schema'",
+        param="response_format.type",
+    )
+
+
+@dataclass(frozen=True)
+class _CallPart:
+    """A tool call in the OpenAI shape, or the part of it that one streamed chunk carries."""
+
+    index: int
+    id: str | None
+    name: str | None
+    arguments: str
+
+
+def _content_text(content: Any) -> str:
+    """A LangChain message's content as text (text blocks joined, other blocks left out)."""
+    if isinstance(content, str):
+        return content
+    return "".join(
+        b if isinstance(b, str) else str(b.get("text") or "")
+        for b in content
+        if isinstance(b, str) or (isinstance(b, dict) and b.get("type") == "text")
+    )
+
+
+def _whole_calls(message: AIMessage) -> list[_CallPart]:
+    """A finished answer's tool calls; calls cut off by ``max_tokens`` keep their partial JSON."""
+    calls: list[tuple[str | None, str | None, str]] = [
+        (c.get("id"), c["name"], json.dumps(_plain(c["args"]), ensure_ascii=False))
+        for c in message.tool_calls
+    ]
+    calls += [(c.get("id"), c.get("name"), c.get("args") or "") for c in message.invalid_tool_calls]
+    return [
+        _CallPart(i, call_id or _call_id(), name or "", args)
+        for i, (call_id, name, args) in enumerate(calls)
+    ]
+
+
+def _call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+class _StreamedCalls:
+    """Number streamed tool-call chunks 0, 1, ... in call order, whatever their source used.
+
+    A call's first chunk carries its id and name (an id is made up when the source sent none);
+    later chunks carry fragments of its arguments only, as OpenAI streams them.
+    """
+
+    def __init__(self) -> None:
+        self._index: dict[Any, int] = {}
+        self._last: Any = None
+
+    def parts(self, piece: BaseMessage) -> list[_CallPart]:
+        """The OpenAI parts of one streamed piece's calls.
+
+        A piece is a chunk, or a whole answer from a model that cannot stream (its calls come
+        whole, cut-off ones with their partial JSON).
+        """
+        chunks: list[ToolCallChunk] = list(getattr(piece, "tool_call_chunks", None) or [])
+        if not chunks and isinstance(piece, AIMessage):
+            chunks = [
+                tool_call_chunk(name=c.name, args=c.arguments, id=c.id, index=c.index)
+                for c in _whole_calls(piece)
+            ]
+        out = []
+        for c in chunks:
+            key: Any = c.get("index")
+            if key is None:  # a source without indices: a new id or name starts a new call
+                starts = c.get("id") is not None or c.get("name") is not None
+                key = ("call", len(self._index)) if starts or self._last is None else self._last
+            self._last = key
+            args = c.get("args") or ""
+            if key in self._index:
+                out.append(_CallPart(self._index[key], None, None, args))
+                continue
+            self._index[key] = len(self._index)
+            call_id = c.get("id") or _call_id()
+            out.append(_CallPart(self._index[key], call_id, c.get("name") or "", args))
+        return out
+
+
+def _openai_message(
+    text: str, calls: list[_CallPart], *, legacy: bool, delta: bool
+) -> dict[str, Any]:
+    """Write an answer in the OpenAI shape, or one streamed piece of it.
+
+    Without ``delta`` this is ``choices[].message``, with it ``choices[].delta``: the content,
+    then the ``tool_calls`` (or, for the deprecated functions API, the first call as
+    ``function_call``). Both the streaming and the non-streaming path write through here.
+
+    Example:
+        >>> call = _CallPart(0, "call_1", "now", "{}")
+        >>> _openai_message("", [call], legacy=False, delta=False)["tool_calls"]
+        [{'id': 'call_1', 'type': 'function', 'function': {'name': 'now', 'arguments': '{}'}}]
+    """
+    out: dict[str, Any] = {}
+    if not delta:
+        out = {"role": "assistant", "content": text if text or not calls else None}
+    elif text:
+        out["content"] = text
+    if legacy:
+        first = [c for c in calls if c.index == 0]
+        if first:
+            out["function_call"] = _openai_function(first[0])
+    elif calls:
+        out["tool_calls"] = [
+            {
+                **({"index": c.index} if delta else {}),
+                **({"id": c.id, "type": "function"} if c.id is not None else {}),
+                "function": _openai_function(c),
+            }
+            for c in calls
+        ]
+    return out
+
+
+def _openai_function(call: _CallPart) -> dict[str, str]:
+    if call.name is None:
+        return {"arguments": call.arguments}
+    return {"name": call.name, "arguments": call.arguments}
+
+
+def _check_json(value: Any, where: str = "") -> None:
     """Refuse JSON nested deeper than :data:`MAX_JSON_DEPTH` or holding lone UTF-16 surrogates.
 
     ``json.loads`` accepts a lone surrogate escape and returns a string no UTF-8 encoder (the tokenizer,
     SQLite, the response) can write; it is cheaper to name the field now than to fail later.
     The walk is iterative, so a deep body cannot exhaust the stack here either.
     """
-    stack: list[tuple[Any, int, str]] = [(value, 0, "")]
+    stack: list[tuple[Any, int, str]] = [(value, 0, where)]
     while stack:
         item, depth, where = stack.pop()
         if isinstance(item, str):
@@ -439,8 +877,22 @@ def _usage(msg: BaseMessage) -> dict[str, int]:
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-def _finish_reason(meta: Mapping[str, Any]) -> str:
-    return "length" if meta.get("finish_reason") == "length" else "stop"
+def _finish_reason(message: BaseMessage, legacy: bool) -> str:
+    """Return OpenAI's finish reason for an answer, whatever its model reported.
+
+    ``length`` when ``max_tokens`` cut it, ``tool_calls`` (``function_call``) when it calls
+    tools, else ``stop``.
+    """
+    if message.response_metadata.get("finish_reason") == "length":
+        return "length"
+    calls = [
+        *getattr(message, "tool_calls", ()),
+        *getattr(message, "invalid_tool_calls", ()),
+        *getattr(message, "tool_call_chunks", ()),
+    ]
+    if calls:
+        return "function_call" if legacy else "tool_calls"
+    return "stop"
 
 
 def create_app(
@@ -548,7 +1000,8 @@ def create_app(
                 )
         return bytes(body)
 
-    def parse(body: bytes, content_type: str) -> ChatCompletionRequest:
+    def parse(body: bytes, content_type: str) -> tuple[ChatCompletionRequest, dict[str, Any]]:
+        """The validated request and the chat-model kwargs it asks for."""
         if content_type and "json" not in content_type.lower():
             raise _ApiError(415, f"Content-Type must be application/json, got {content_type!r}")
         try:
@@ -570,20 +1023,6 @@ def create_app(
             raise _validation_error(e) from None
         if req.n not in (None, 1):
             raise _ApiError(400, "only n = 1 is supported", param="n")
-        if req.tools or req.functions:
-            raise _ApiError(
-                400,
-                "tool calling is not supported by this server; call the tools in your agent "
-                "and send their results as messages",
-                param="tools",
-            )
-        fmt = (req.response_format or {}).get("type", "text")
-        if fmt != "text":
-            raise _ApiError(
-                400,
-                f"response_format {fmt!r} is not supported; use 'text'",
-                param="response_format",
-            )
         want = req.max_completion_tokens or req.max_tokens
         if want is not None and want > s.max_tokens_limit:
             raise _ApiError(
@@ -594,7 +1033,7 @@ def create_app(
             )
         if isinstance(req.stop, list) and len(req.stop) > 4:
             raise _ApiError(400, "at most 4 stop sequences are allowed", param="stop")
-        return req
+        return req, {**call_kwargs(req), **_model_options(req)}
 
     def call_kwargs(req: ChatCompletionRequest) -> dict[str, Any]:
         kw: dict[str, Any] = {}
@@ -610,6 +1049,8 @@ def create_app(
     def model_error(e: Exception) -> _ApiError:
         if isinstance(e, StudentError):
             return _ApiError(400, str(e), code="context_length_exceeded")
+        if isinstance(e, ConfigError):  # an argument of this request (a tool or JSON schema)
+            return _ApiError(400, str(e))
         if isinstance(e, TeacherUnavailableError):
             return _ApiError(503, str(e), type="server_error", code="teacher_unavailable")
         if isinstance(e, UnderstudyError):
@@ -660,14 +1101,14 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         body = await read_body(request)
-        req = parse(body, request.headers.get("content-type", ""))
+        req, kwargs = parse(body, request.headers.get("content-type", ""))
         messages = _to_messages(req)
-        kwargs = call_kwargs(req)
+        legacy = req.legacy_functions
         cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(
-                stream(cid, messages, kwargs, include_usage),
+                stream(cid, messages, kwargs, include_usage, legacy),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
@@ -680,7 +1121,11 @@ def create_app(
         finally:
             leave()
         meta = answer.response_metadata.get("understudy")
-        metrics.observe_completion(time.perf_counter() - t0, meta)
+        finish = _finish_reason(answer, legacy)
+        metrics.observe_completion(time.perf_counter() - t0, meta, finish)
+        message = _openai_message(
+            _content_text(answer.content), _whole_calls(answer), legacy=legacy, delta=False
+        )
         payload: dict[str, Any] = {
             "id": cid,
             "object": "chat.completion",
@@ -690,8 +1135,8 @@ def create_app(
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": str(answer.content)},
-                    "finish_reason": _finish_reason(answer.response_metadata),
+                    "message": message,
+                    "finish_reason": finish,
                     "logprobs": None,
                 }
             ],
@@ -708,7 +1153,11 @@ def create_app(
         return f"data: {_dumps(obj).translate(_LINE_BREAKS)}\n\n"
 
     async def stream(
-        cid: str, messages: list[BaseMessage], kwargs: dict[str, Any], include_usage: bool
+        cid: str,
+        messages: list[BaseMessage],
+        kwargs: dict[str, Any],
+        include_usage: bool,
+        legacy: bool,
     ) -> AsyncIterator[str]:
         t0 = time.perf_counter()
         base = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()),
@@ -727,18 +1176,25 @@ def create_app(
             return
         try:
             yield chunk({"role": "assistant", "content": ""})
+            calls = _StreamedCalls()
             async for piece in llm.astream(messages, **kwargs):
                 full = piece if full is None else full + piece
-                if isinstance(piece.content, str) and piece.content:
-                    yield chunk({"content": piece.content})
-            rm = dict(full.response_metadata) if full is not None else {}
-            meta = rm.get("understudy")
-            metrics.observe_completion(time.perf_counter() - t0, meta)
+                delta = _openai_message(
+                    _content_text(piece.content),
+                    calls.parts(piece),
+                    legacy=legacy,
+                    delta=True,
+                )
+                if delta:
+                    yield chunk(delta)
+            answer = full if full is not None else AIMessageChunk(content="")
+            meta = answer.response_metadata.get("understudy")
+            finish = _finish_reason(answer, legacy)
+            metrics.observe_completion(time.perf_counter() - t0, meta, finish)
             extra = {"understudy": meta} if meta is not None else {}
-            yield chunk({}, _finish_reason(rm), **extra)
+            yield chunk({}, finish, **extra)
             if include_usage:
-                usage = _usage(full) if full is not None else _usage(AIMessage(""))
-                yield sse({**base, "choices": [], "usage": usage})
+                yield sse({**base, "choices": [], "usage": _usage(answer)})
         except Exception as e:  # noqa: BLE001 - the status line is sent: report in-band
             yield sse(model_error(e).body())
         finally:

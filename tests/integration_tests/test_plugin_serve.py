@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -24,23 +26,51 @@ pytestmark = pytest.mark.slow
 QUESTION = "What color is the chair 8? It is yellow."
 
 
+TEACHER_ANSWER = "the teacher's answer"
+
+
+def understudy(model_path: Path, **student: Any) -> ChatUnderstudy:
+    """A GGUF student routed by ``ChatUnderstudy`` before generation, with a canned teacher."""
+    options: dict[str, Any] = {"n_ctx": 256, "max_tokens": 8, "n_instances": 2, **student}
+    teacher = FakeListChatModel(responses=[TEACHER_ANSWER] * 100)
+    return ChatUnderstudy(
+        student=ChatStudent(model_path=model_path, **options), teacher=teacher, mode="pre"
+    )
+
+
+@contextmanager
+def serving(llm: Any, **limits: Any) -> Iterator[ServerThread]:
+    """``understudy serve`` on a free loopback port, without authentication."""
+    settings = ServerSettings(**{"max_request_bytes": 4096, "max_tokens_limit": 64, **limits})
+    with ServerThread(create_app(llm, settings=settings, api_key="")) as srv:
+        yield srv
+
+
+def openai_client(server: ServerThread) -> openai.OpenAI:
+    """The official client pointed at ``server``."""
+    return openai.OpenAI(base_url=server.base_url, api_key="unused", timeout=60, max_retries=0)
+
+
+def chat_openai(server: ServerThread) -> ChatOpenAI:
+    """``langchain-openai``'s chat model pointed at ``server``."""
+    return ChatOpenAI(base_url=server.base_url, api_key="unused", model="understudy",  # type: ignore[arg-type]
+                      max_retries=0, timeout=60)  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def llm(trained_gguf: Path) -> ChatUnderstudy:
-    student = ChatStudent(model_path=trained_gguf, n_ctx=256, max_tokens=8, n_instances=2)
-    teacher = FakeListChatModel(responses=["the teacher's answer"] * 100)
-    return ChatUnderstudy(student=student, teacher=teacher, mode="pre")
+    return understudy(trained_gguf)
 
 
 @pytest.fixture(scope="module")
 def server(llm: ChatUnderstudy) -> Iterator[ServerThread]:
-    settings = ServerSettings(max_request_bytes=4096, max_tokens_limit=64)
-    with ServerThread(create_app(llm, settings=settings, api_key="")) as srv:
+    with serving(llm) as srv:
         yield srv
 
 
 @pytest.fixture(scope="module")
 def client(server: ServerThread) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.base_url, api_key="unused", timeout=30, max_retries=0)
+    return openai_client(server)
 
 
 def test_openai_client_lists_models_and_completes(client: openai.OpenAI) -> None:
@@ -69,8 +99,7 @@ def test_openai_client_streams_the_same_answer(client: openai.OpenAI) -> None:
 
 
 def test_chat_openai_invokes_and_streams(server: ServerThread) -> None:
-    chat = ChatOpenAI(base_url=server.base_url, api_key="unused", model="understudy",  # type: ignore[arg-type]
-                      max_retries=0, timeout=30)  # fmt: skip
+    chat = chat_openai(server)
     msg = chat.invoke(QUESTION)
     assert str(msg.content).strip() in COLORS
     streamed = "".join(str(c.content) for c in chat.stream(QUESTION))
@@ -88,7 +117,7 @@ def test_follow_up_escalates_to_the_teacher_and_metrics_count_it(
             {"role": "user", "content": "and the other one, same again?"},
         ],
     )
-    assert resp.choices[0].message.content == "the teacher's answer"
+    assert resp.choices[0].message.content == TEACHER_ANSWER
     assert (resp.model_extra or {})["understudy"]["answered_by"] == "teacher"
     metrics = httpx.get(server.base_url.replace("/v1", "/metrics"), timeout=10).text
     rate = float(next(line.split()[1] for line in metrics.splitlines()
