@@ -56,6 +56,7 @@ class Example:
         tools: The tools bound to the teacher's call (from the trace's ``metadata["tools"]``),
             as :func:`~langchain_understudy.prompting.tool_specs` returns them; the prompt lists
             them and the student is served with the same tools bound.
+        system: The default system line the prompt was rendered with (see :meth:`render`).
     """
 
     key: str
@@ -68,13 +69,19 @@ class Example:
     created_at: datetime | None = None
     exemplars: list[Exemplar] | None = None
     tools: list[dict[str, Any]] | None = None
+    system: str | None = None
 
     def render(self, system: str | None = None) -> None:
         """Build :attr:`prompt` and :attr:`target` with the one prompt format serving uses."""
-        self.prompt = render_prompt(
-            self.messages, self.facts, system=system, exemplars=self.exemplars, tools=self.tools
-        )
+        self.system = system
+        self.prompt = self.prompt_of(self.messages)
         self.target = render_answer(self.answer)
+
+    def prompt_of(self, messages: Sequence[BaseMessage]) -> str:
+        """The prompt over ``messages`` with this example's system line, tools and context."""
+        return render_prompt(
+            messages, self.facts, system=self.system, exemplars=self.exemplars, tools=self.tools
+        )
 
 
 def conversation_key(messages: Sequence[BaseMessage]) -> str:

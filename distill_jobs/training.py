@@ -24,7 +24,7 @@ from langchain_understudy.distill_jobs.scratch import (
     init_student,
 )
 from langchain_understudy.errors import ConfigError
-from langchain_understudy.prompting import END
+from langchain_understudy.prompting import END, drop_oldest
 
 __all__ = [
     "IGNORE_INDEX",
@@ -126,9 +126,10 @@ def encode_example(
         eos_ends: :func:`end_as_eos` of the tokenizer (computed when ``None``; pass it when
             encoding many examples).
 
-    Returns ``None`` when the example does not fit in ``max_len`` tokens.
+    A conversation too long for ``max_len`` loses its oldest turns, one at a time, as serving
+    shortens it (:func:`~langchain_understudy.prompting.drop_oldest`). Returns ``None`` when
+    even the last turn (with the system line, tools and facts) does not fit.
     """
-    prompt = tokenizer(example.prompt, add_special_tokens=False)["input_ids"]
     text, eos = example.target, []
     if eos_ends is None:
         eos_ends = end_as_eos(tokenizer)
@@ -136,9 +137,17 @@ def encode_example(
         text, eos = text[: -len(END)], [tokenizer.eos_token_id]
     target = [*tokenizer(text, add_special_tokens=False)["input_ids"], *eos]
     bos = [tokenizer.bos_token_id] if getattr(tokenizer, "add_bos_token", False) else []
-    ids = [*bos, *prompt, *target]
-    if len(ids) > max_len:
-        return None
+    prompt_text, messages = example.prompt, example.messages
+    while True:
+        prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+        ids = [*bos, *prompt, *target]
+        if len(ids) <= max_len:
+            break
+        shorter = drop_oldest(messages)
+        if shorter is None:
+            return None
+        messages = shorter
+        prompt_text = example.prompt_of(messages)
     labels = [IGNORE_INDEX] * (len(bos) + len(prompt)) + list(target)
     return {"input_ids": ids, "labels": labels}
 

@@ -10,7 +10,7 @@ single special tokens (a pretrained base reads them as ordinary text)::
     <|system|>
     You are a helpful assistant.
     <|tools|>
-    {"name": "get_price", "description": "Price of a plan.", "parameters": {...}}
+    get_price(plan: basic|pro): Price of a plan.
     <|examples|>
     [1] how much is the pro plan => 49 EUR a month.
     <|facts|>
@@ -71,6 +71,7 @@ __all__ = [
     "Fact",
     "document_to_fact",
     "answer_text",
+    "drop_oldest",
     "last_user_text",
     "message_text",
     "order_arguments",
@@ -80,6 +81,7 @@ __all__ = [
     "render_turns",
     "select_facts",
     "split_answer",
+    "tool_signature",
     "tool_specs",
 ]
 
@@ -380,21 +382,27 @@ def render_turns(
     """Return the conversation as ``(role, text)`` pairs, system messages merged first.
 
     Assistant turns that called tools end with their ``<|call|>`` block (:func:`answer_text`);
-    a tool result reads ``name: result`` when the tool's name is known.
+    a tool result reads ``name: result`` when the tool's name is known: the message's own
+    ``name``, else the name of the call its ``tool_call_id`` answers (OpenAI-format traces carry
+    only the id; LangChain's tool node sets both, and both must render alike).
     """
     system = [message_text(m) for m in messages if _role(m) == "system"]
     turns: list[tuple[str, str]] = []
     if any(system):
         turns.append(("system", "\n".join(s for s in system if s)))
+    called: dict[str, str] = {}  # tool call id -> tool name
     for m in messages:
         role = _role(m)
         if role == "system":
             continue
         if role == "assistant":
             text = answer_text(m, tools)
+            for c in getattr(m, "tool_calls", None) or []:
+                if c.get("id"):
+                    called[c["id"]] = c["name"]
         elif role == "tool":
             text = _content_text(m)
-            name = getattr(m, "name", None)
+            name = getattr(m, "name", None) or called.get(getattr(m, "tool_call_id", None) or "")
             text = f"{name}: {text}" if name else text
         else:
             text = message_text(m)
@@ -403,17 +411,64 @@ def render_turns(
 
 
 def _render_tools(tools: Sequence[Mapping[str, Any]]) -> str:
-    return "\n".join(
-        json.dumps(
-            {
-                "name": t["name"],
-                "description": t.get("description", ""),
-                "parameters": t.get("parameters", {}),
-            },
-            ensure_ascii=False,
-        )
-        for t in tools
-    )
+    return "\n".join(tool_signature(t) for t in tools)
+
+
+_SCHEMA_NOISE = ("description", "title", "default", "examples")
+_SCALARS = ("string", "integer", "number", "boolean", "null")
+
+
+def _kind(prop: Mapping[str, Any]) -> str | None:
+    """``a|b`` for an enum or a union of scalar types, the type's name for a scalar, else None."""
+    if "enum" in prop and isinstance(prop["enum"], list):
+        return "|".join(v if isinstance(v, str) else json.dumps(v) for v in prop["enum"])
+    types = prop.get("type")
+    if isinstance(types, str) and types in _SCALARS:
+        return types
+    if isinstance(types, list) and types and all(t in _SCALARS for t in types):
+        return "|".join(types)
+    union = prop.get("anyOf") or prop.get("oneOf")
+    if isinstance(union, list) and union:
+        kinds = [_kind(p) if isinstance(p, Mapping) else None for p in union]
+        if all(k is not None for k in kinds):
+            return "|".join(k for k in kinds if k is not None)
+    return None
+
+
+def tool_signature(tool: Mapping[str, Any]) -> str:
+    """One line that shows a student a tool: its name, arguments and description.
+
+    Required arguments come first, optional ones are marked ``?``; a string argument shows no
+    type, an ``enum`` its values, any other type its name (or its schema, without descriptions,
+    when it is not a plain scalar). Argument descriptions are left out: a student learns what an
+    argument means from the teacher's calls, the serving grammar enforces the full schema, and
+    every prompt carries the tools, so each token here is paid on every request.
+
+    Example:
+        >>> tool_signature({"name": "book", "description": "Book a hotel.", "parameters": {
+        ...     "type": "object", "required": ["city"], "properties": {
+        ...     "city": {"type": "string", "description": "Where"},
+        ...     "nights": {"type": "integer"},
+        ...     "room": {"type": "string", "enum": ["single", "double"]}}}})
+        'book(city, nights?: integer, room?: single|double): Book a hotel.'
+    """
+    params = tool.get("parameters") or {}
+    props: Mapping[str, Any] = params.get("properties") or {}
+    order = order_arguments(dict.fromkeys(props, None), params)
+    required = set(params.get("required") or ())
+    args = []
+    for name in order:
+        prop = props[name] if isinstance(props[name], Mapping) else {}
+        kind = _kind(prop)
+        if kind is None:
+            kind = json.dumps({k: v for k, v in prop.items() if k not in _SCHEMA_NOISE})
+        elif kind == "string":
+            kind = ""
+        mark = "" if name in required else "?"
+        args.append(f"{name}{mark}: {kind}" if kind else f"{name}{mark}")
+    desc = str(tool.get("description") or "").strip()
+    head = f"{tool['name']}({', '.join(args)})"
+    return f"{head}: {desc}" if desc else head
 
 
 def _render_facts(facts: Sequence[Fact | str]) -> str:
@@ -436,6 +491,29 @@ def _render_exemplars(exemplars: Sequence[Exemplar]) -> str:
     return "\n".join(lines)
 
 
+def drop_oldest(messages: Sequence[BaseMessage]) -> list[BaseMessage] | None:
+    """The conversation without its oldest turn, for a prompt that does not fit the context.
+
+    System messages and the last message (the turn being answered) are kept; ``None`` when
+    nothing else is left to drop. Serving and training shorten an overlong conversation the same
+    way, one turn at a time, so a student learns from the prompts it will be shown.
+
+    Example:
+        >>> from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+        >>> convo = [SystemMessage("s"), HumanMessage("a"), AIMessage("b"), HumanMessage("c")]
+        >>> [m.content for m in drop_oldest(convo)]
+        ['s', 'b', 'c']
+        >>> drop_oldest([SystemMessage("s"), HumanMessage("c")]) is None
+        True
+    """
+    msgs = list(messages)
+    droppable = [i for i, m in enumerate(msgs[:-1]) if not isinstance(m, SystemMessage)]
+    if not droppable:
+        return None
+    del msgs[droppable[0]]
+    return msgs
+
+
 def render_prompt(
     messages: Sequence[BaseMessage],
     facts: Sequence[Fact | str] | None = None,
@@ -456,7 +534,7 @@ def render_prompt(
         exemplars: Past teacher answers to similar requests (most similar first), placed
             before the facts.
         tools: The tools bound to the call, as :func:`tool_specs` returns them; listed one
-            JSON object per line after the system line.
+            :func:`tool_signature` per line after the system line.
 
     Returns:
         The prompt text, ending with ``"<|assistant|>\\n"``.

@@ -22,7 +22,7 @@ from langchain_core.callbacks import (
 from langchain_core.exceptions import OutputParserException
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.language_models.chat_models import LangSmithParams
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, SystemMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
 from langchain_core.output_parsers.openai_tools import (
@@ -37,7 +37,15 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from langchain_understudy.errors import ArtifactError, ConfigError, StudentError
-from langchain_understudy.prompting import CALL, END, Exemplar, Fact, render_prompt, tool_specs
+from langchain_understudy.prompting import (
+    CALL,
+    END,
+    Exemplar,
+    Fact,
+    drop_oldest,
+    render_prompt,
+    tool_specs,
+)
 from langchain_understudy.students._tool_calls import (
     CallStream,
     calls_schema,
@@ -496,15 +504,15 @@ class ChatStudent(BaseChatModel):
             tokens = llm.tokenize(_utf8(text + prefix), add_bos=True, special=True)
             if len(tokens) + reserve <= self.n_ctx:
                 return tokens, dropped
-            droppable = [i for i, m in enumerate(msgs[:-1]) if not isinstance(m, SystemMessage)]
-            if self.overflow == "error" or not droppable:
+            shorter = drop_oldest(msgs)
+            if self.overflow == "error" or shorter is None:
                 msg = (
                     f"conversation needs {len(tokens)} prompt tokens + {reserve} for the answer, "
                     f"more than the student's context of {self.n_ctx}; shorten it, lower "
                     "max_tokens, or raise n_ctx (up to what the student was trained for)"
                 )
                 raise StudentError(msg)
-            del msgs[droppable[0]]
+            msgs = shorter
             dropped += 1
 
     def _run(

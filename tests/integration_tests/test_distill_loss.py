@@ -62,3 +62,32 @@ def test_overlong_examples_are_skipped(tmp_path) -> None:
     tok = build_tokenizer(corpus(300), tmp_path, vocab_size=400)
     examples, _ = build_examples([([HumanMessage("word " * 200)], "x", {})])
     assert encode_example(tok, examples[0], 64) is None
+
+
+def test_overlong_conversations_lose_their_oldest_turns_as_in_serving(tmp_path) -> None:
+    from langchain_core.messages import AIMessage, SystemMessage
+
+    from langchain_understudy.prompting import drop_oldest
+
+    tok = build_tokenizer(corpus(300), tmp_path, vocab_size=400)
+    convo = [SystemMessage("be brief")]
+    for i in range(12):
+        convo += [HumanMessage(f"question number {i} " * 3), AIMessage(f"answer {i}")]
+    convo.append(HumanMessage("and the last one"))
+    (ex,), _ = build_examples([(convo, "done", {})], system="default line")
+    full = len(tok(ex.prompt, add_special_tokens=False)["input_ids"])
+    f = encode_example(tok, ex, full // 2)
+    assert f is not None and len(f["input_ids"]) <= full // 2
+    # the kept prompt is the one serving would build: the oldest turns gone, the rest intact
+    messages = list(convo)
+    while True:
+        text = ex.prompt_of(messages)
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        answer = [
+            t for t, lab in zip(f["input_ids"], f["labels"], strict=True) if lab != IGNORE_INDEX
+        ]
+        if len(ids) + len(answer) <= full // 2:
+            break
+        messages = drop_oldest(messages)
+    assert f["input_ids"][: len(ids)] == ids
+    assert "be brief" in text and "and the last one" in text and "question number 0" not in text

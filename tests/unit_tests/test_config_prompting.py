@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -76,7 +75,20 @@ def test_prompt_renders_tool_calls_and_tool_results() -> None:
         [HumanMessage("hi"), ai, ToolMessage("found", tool_call_id="1"), HumanMessage("ok")]
     )
     assert '<|assistant|>\n<|call|>[{"name": "search", "arguments": {"q": "pro"}}]<|end|>' in prompt
-    assert "<|tool|>\nfound\n" in prompt
+    # an OpenAI-format result carries only the call's id: it is named after the call it answers,
+    # as LangChain's tool node names it
+    assert "<|tool|>\nsearch: found\n" in prompt
+    assert prompt == render_prompt(
+        [
+            HumanMessage("hi"),
+            ai,
+            ToolMessage("found", tool_call_id="1", name="search"),
+            HumanMessage("ok"),
+        ]
+    )
+    assert "<|tool|>\nfound\n" in render_prompt(
+        [HumanMessage("hi"), ToolMessage("found", tool_call_id="9")]
+    )
     # a trailing assistant message (the answer) is never part of the prompt
     assert render_prompt([HumanMessage("q"), AIMessage("a")]) == render_prompt([HumanMessage("q")])
     assert render_prompt([HumanMessage("q")], system="S").startswith("<|system|>\nS\n")
@@ -101,11 +113,11 @@ def test_tools_section_and_call_blocks_round_trip() -> None:
     assert [s["name"] for s in specs] == ["book", "now"]
     assert specs[1]["parameters"] == {"type": "object", "properties": {}}
     prompt = render_prompt([HumanMessage("book Paris")], system="S", tools=specs)
-    # the tools follow the system line, one JSON object per line, before the conversation
+    # the tools follow the system line, one signature per line, before the conversation
     head, rest = prompt.split("<|tools|>\n", 1)
     assert head == "<|system|>\nS\n"
     lines = rest.split("<|user|>")[0].strip().splitlines()
-    assert [json.loads(line)["name"] for line in lines] == ["book", "now"]
+    assert lines == ["book(city, nights: integer, budget?: number|null): Book a hotel.", "now()"]
     # arguments follow the schema's order (required first), whatever order the teacher used
     ai = AIMessage(
         "Booking.",
