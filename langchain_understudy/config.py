@@ -162,7 +162,8 @@ class RouterSettings(_Section):
     mode: Literal["pre", "cascade", "auto"] = "auto"
     """``pre`` decides before generating, ``cascade`` after, ``auto`` both."""
     threshold: float = Field(default=0.5, ge=0.0, le=1.0)
-    """Escalate when the escalation score is at or above this value."""
+    """Escalate when the escalation score is at or above this value. With a ``policy`` file,
+    the policy's calibrated threshold applies unless this is set."""
     target_teacher_rate: float | None = Field(default=None, gt=0.0, lt=1.0)
     """Steer the threshold online so this share of requests goes to the teacher (a
     ``TeacherRateController`` over the last ``rate_window`` requests); ``None`` keeps the

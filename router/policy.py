@@ -45,6 +45,7 @@ from langchain_understudy.errors import ConfigError
 from langchain_understudy.router._logistic import fit_logistic, sigmoid
 from langchain_understudy.router.signals import (
     DEFAULT_SIGNALS,
+    TOOL_SIGNALS,
     RoutingContext,
     RoutingRules,
     SignalAbsent,
@@ -246,8 +247,9 @@ class Router:
     def from_settings(cls, settings: Any) -> Router:
         """Build the router a :class:`~langchain_understudy.config.RouterSettings` describes.
 
-        When the settings name a saved policy file (a ``policy`` field), it is loaded; the
-        settings' threshold and rules apply on top.
+        When the settings name a saved policy file (a ``policy`` field), it is loaded with its
+        calibrated threshold; the settings' rules apply on top, and their threshold too when it
+        is set explicitly (in the file or the environment).
         """
         rules = RoutingRules(
             always_teacher_patterns=settings.always_teacher_patterns,
@@ -257,7 +259,8 @@ class Router:
         policy = getattr(settings, "policy", None)
         router = load_router(policy) if policy else Router()
         router.rules = rules
-        router.threshold = settings.threshold
+        if not policy or "threshold" in getattr(settings, "model_fields_set", {"threshold"}):
+            router.threshold = settings.threshold
         return router
 
     def stage_signals(self, stage: Stage) -> tuple[SignalSpec, ...]:
@@ -558,12 +561,13 @@ class Router:
 
         Args:
             data: The saved dict.
-            extra_signals: Custom signals the saved policy names besides the built-in ones.
+            extra_signals: Custom signals the saved policy names besides the built-in ones
+                (:data:`~.signals.DEFAULT_SIGNALS` and :data:`~.signals.TOOL_SIGNALS`).
         """
         if data.get("format") != _FORMAT:
             msg = f"not a router policy of format {_FORMAT}: {str(dict(data))[:120]}"
             raise ConfigError(msg)
-        known = {s.name: s for s in (*DEFAULT_SIGNALS, *extra_signals)}
+        known = {s.name: s for s in (*DEFAULT_SIGNALS, *TOOL_SIGNALS, *extra_signals)}
         try:
             specs = [known[n] for n in data["signals"]]
         except KeyError as e:

@@ -276,3 +276,21 @@ def test_from_settings() -> None:
     )
     assert r.threshold == 0.3
     assert r.rules.to_dict()["always_teacher_patterns"] == ["x"]
+
+
+def test_a_policy_with_the_tool_signals_loads_without_extra_signals(tmp_path: Path) -> None:
+    from langchain_understudy.router.signals import DEFAULT_SIGNALS, TOOL_SIGNALS
+
+    r = Router(threshold=0.4, signals=(*DEFAULT_SIGNALS, *TOOL_SIGNALS))
+    again = load_router(r.save(tmp_path / "tools.json"))
+    assert [s.name for s in again.signals] == [s.name for s in r.signals]
+    assert again.threshold == 0.4
+
+
+def test_a_policy_file_keeps_its_calibrated_threshold_unless_one_is_set(tmp_path: Path) -> None:
+    from langchain_understudy.config import RouterSettings
+
+    path = Router(threshold=0.83).save(tmp_path / "calibrated.json")
+    assert Router.from_settings(RouterSettings(policy=path)).threshold == 0.83
+    assert Router.from_settings(RouterSettings(policy=path, threshold=0.2)).threshold == 0.2
+    assert Router.from_settings(RouterSettings()).threshold == 0.5
