@@ -763,6 +763,8 @@ class DistillJob:
                 else None
             ),
             "base": self.config.student.base,
+            # the tools the student learnt to call (the router's tools_unseen signal reads it)
+            "tools": sorted({t["name"] for ex in train for t in ex.tools or ()}),
         }
         report = {
             "metrics": metrics,

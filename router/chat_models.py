@@ -100,6 +100,7 @@ class _Active:
     ood: OODIndex | None
     ood_absent: str
     facts: dict[str, Any] | None = None  # the fact selection the student was trained with
+    tools: frozenset[str] | None = None  # the tools the student was trained to call
 
 
 class _StudentSource:
@@ -174,7 +175,15 @@ class _StudentSource:
         if current is not None:
             logger.info("student promoted: now serving %s (was %s)", v.version, current.version)
         facts = v.provenance.get("facts")
-        return _Active(model, v.version, ood, why, facts if isinstance(facts, dict) else None)
+        tools = v.provenance.get("tools")
+        return _Active(
+            model,
+            v.version,
+            ood,
+            why,
+            facts if isinstance(facts, dict) else None,
+            frozenset(str(t) for t in tools) if isinstance(tools, list) else None,
+        )
 
 
 @dataclass
@@ -602,6 +611,7 @@ class ChatUnderstudy(BaseChatModel):
         tags: Sequence[str],
         run_id: str | None,
         stream: bool = False,
+        tools: Sequence[Any] | None = None,
     ) -> _Request:
         t0 = time.perf_counter()
         active = self._source.get()
@@ -614,6 +624,8 @@ class ChatUnderstudy(BaseChatModel):
         retrieved, facts, error, no_store = self._retrieve(last_user, active.facts)
         retrieval_ms = (time.perf_counter() - tr) * 1000.0
         absent = {"ood_distance": active.ood_absent}
+        if active.tools is None:
+            absent["tools_unseen"] = "the student's provenance does not list the tools it learnt"
         if no_store:
             absent["retrieval_similarity"] = no_store
         model = active.model
@@ -629,6 +641,8 @@ class ChatUnderstudy(BaseChatModel):
             embed_query=self._embed_fn() if active.ood is not None else None,
             tags=tuple(tags),
             absent_reasons=absent,
+            bound_tools=tuple(t["name"] for t in tool_specs(tools)) if tools else (),
+            trained_tools=active.tools,
         )
         guard = self._guard
         request = FlowRequest(
@@ -655,7 +669,7 @@ class ChatUnderstudy(BaseChatModel):
         self, messages: list[BaseMessage], run_manager: Any, kwargs: dict[str, Any], stream: bool
     ) -> _Request:
         tags, run_id = self._run_tags(run_manager, kwargs)
-        return self._begin(messages, tags, run_id, stream)
+        return self._begin(messages, tags, run_id, stream, kwargs.get("tools"))
 
     def current_threshold(self) -> float:
         """The threshold the next request is routed with (steered by ``rate_controller``)."""
@@ -929,7 +943,7 @@ class ChatUnderstudy(BaseChatModel):
             **kwargs: Passed to the student.
         """
         msgs = list(messages)
-        req = self._begin(msgs, (), None)
+        req = self._begin(msgs, (), None, tools=kwargs.get("tools"))
         pre = self._router.decide(req.ctx, "pre")
         answer: AIMessage | None = None
         post: Decision | None = None

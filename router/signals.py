@@ -55,6 +55,7 @@ __all__ = [
     "ood_distance",
     "retrieval_similarity",
     "call_args_from_history",
+    "tools_unseen",
     "student_confidence",
     "tool_call_confidence",
     "user_turns",
@@ -241,6 +242,9 @@ class RoutingContext:
         tags: The run's tags.
         absent_reasons: Why an optional input is missing, by signal name, reported when that
             signal is absent.
+        bound_tools: Names of the tools bound to this call.
+        trained_tools: Names of the tools the student was distilled to call (from its
+            provenance); ``None`` when unknown.
         timings_ms: Time spent in expensive steps (``"embedding"``), filled in by the signals.
     """
 
@@ -256,6 +260,8 @@ class RoutingContext:
     tags: Sequence[str] = ()
     absent_reasons: dict[str, str] = field(default_factory=dict)
     timings_ms: dict[str, float] = field(default_factory=dict)
+    bound_tools: Sequence[str] = ()
+    trained_tools: frozenset[str] | None = None
     _query_vector: np.ndarray | None = field(default=None, repr=False)
 
     def user_texts(self) -> list[str]:
@@ -420,6 +426,23 @@ def tool_call_confidence(ctx: RoutingContext) -> float:
     return float(value)
 
 
+def tools_unseen(ctx: RoutingContext) -> float:
+    """Share of the bound tools the student was never distilled to call, in [0, 1].
+
+    An agent that binds a new tool needs the teacher until traces with it have been distilled:
+    the student cannot call a tool it never saw called (and may answer in words instead).
+    Absent without bound tools, or for a student whose provenance does not list its tools.
+    """
+    if not ctx.bound_tools:
+        raise SignalAbsent("no tools are bound")
+    if ctx.trained_tools is None:
+        raise SignalAbsent(
+            ctx.absent_reasons.get("tools_unseen", "the tools the student learnt are unknown")
+        )
+    names = set(ctx.bound_tools)
+    return len(names - ctx.trained_tools) / len(names)
+
+
 def call_args_from_history(ctx: RoutingContext) -> float:
     """Share of the student's call arguments whose value is not in the last user turn, in [0, 1].
 
@@ -478,13 +501,16 @@ DEFAULT_SIGNALS: tuple[SignalSpec, ...] = (
 """The built-in signals, in evaluation order."""
 
 TOOL_SIGNALS: tuple[SignalSpec, ...] = (
+    SignalSpec("tools_unseen", tools_unseen, "pre", True, (0.0, 1.0), (0.0, 0.5)),
     SignalSpec("tool_call_confidence", tool_call_confidence, "post", False, (0.0, 1.0), (0.8, 0.2)),
     SignalSpec(
         "call_args_from_history", call_args_from_history, "post", True, (0.0, 1.0), (0.3, 1.0)
     ),
 )
-"""Post-generation signals for turns where the student calls tools (both are absent on other
-turns); opt in with ``Router(signals=(*DEFAULT_SIGNALS, *TOOL_SIGNALS))``."""
+"""Signals for tool-calling turns: before generation, the share of bound tools the student never
+learnt to call (absent without tools); after it, the student's confidence on its calls and the
+share of their arguments not in the last user turn (absent on turns without a call). Opt in with
+``Router(signals=(*DEFAULT_SIGNALS, *TOOL_SIGNALS))``."""
 
 
 # -- rules -----------------------------------------------------------------------------------------

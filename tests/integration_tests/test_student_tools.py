@@ -161,3 +161,58 @@ def test_an_agent_runs_on_the_distilled_student(tool_gguf: Path, routed: bool) -
     if routed:
         meta = messages[-1].response_metadata["understudy"]
         assert meta["answered_by"] == "student"
+
+
+def test_an_agent_runs_on_load_understudy_and_unseen_tools_go_to_the_teacher(
+    tool_gguf: Path, tmp_path: Path
+) -> None:
+    """``create_agent(model=load_understudy(...))`` over a registry student: a turn with the tools
+    the student learnt stays local; binding a tool it never saw called sends the turn up."""
+    from conftest import suite_tool_traces
+    from langchain.agents import create_agent
+    from langchain_core.language_models import GenericFakeChatModel
+
+    from langchain_understudy.plugin import load_understudy
+    from langchain_understudy.prompting import tool_specs
+    from langchain_understudy.router import Router
+    from langchain_understudy.router.signals import TOOL_SIGNALS
+    from langchain_understudy.students import StudentRegistry
+
+    traces = suite_tool_traces()
+    learnt = sorted({t["name"] for _, _, m in traces for t in tool_specs(m.get("tools"))})
+    assert "get_weather" in learnt
+    reg = StudentRegistry(tmp_path / "students")
+    reg.promote(reg.register(tool_gguf, provenance={"tools": learnt}))  # as a distillation job does
+    unseen_only = [s for s in TOOL_SIGNALS if s.name == "tools_unseen"]
+    policy = Router(threshold=0.5, signals=unseen_only).save(tmp_path / "policy.json")
+    (tmp_path / "understudy.toml").write_text(
+        f'[student]\nregistry = "{reg.root}"\nn_ctx = 512\nmax_tokens = 96\n'
+        f'[router]\npolicy = "{policy}"\n'
+    )
+    seen: list[dict] = []
+
+    @tool
+    def get_weather(location: str) -> str:
+        """Get the weather at a location."""
+        seen.append({"location": location})
+        return "It's sunny."
+
+    @tool
+    def book_flight(city: str) -> str:
+        """Book a flight to a city."""
+        return "booked"
+
+    teacher = GenericFakeChatModel(messages=iter([AIMessage("The teacher answers.")]))
+    llm = load_understudy(tmp_path / "understudy.toml", teacher=teacher, record_traces=False)
+    question = {"messages": [HumanMessage("What is the weather in San Francisco, CA?")]}
+    out = create_agent(model=llm, tools=[get_weather]).invoke(question)["messages"]
+    assert seen == [{"location": "San Francisco, CA"}]
+    assert "sunny" in str(out[-1].content)
+    for m in (out[1], out[-1]):
+        meta = m.response_metadata["understudy"]
+        assert meta["answered_by"] == "student" and meta["signals"]["tools_unseen"] == 0.0
+    # the agent now also binds a tool the student never learnt to call: the teacher answers
+    out = create_agent(model=llm, tools=[get_weather, book_flight]).invoke(question)["messages"]
+    meta = out[-1].response_metadata["understudy"]
+    assert meta["answered_by"] == "teacher" and meta["signals"]["tools_unseen"] == 0.5
+    assert "tools_unseen" in meta["reason"] and out[-1].content == "The teacher answers."

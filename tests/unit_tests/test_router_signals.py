@@ -226,3 +226,19 @@ def test_tool_call_signals_read_the_students_calls() -> None:
     assert {"tool_call_confidence", "call_args_from_history"} <= {
         s.name for s in router.stage_signals("cascade")
     }
+
+
+def test_tools_unseen_is_the_share_of_bound_tools_the_student_never_learnt() -> None:
+    from langchain_understudy.router.signals import SignalAbsent, tools_unseen
+
+    history = [HumanMessage("Book a table in Paris")]
+    ctx = RoutingContext(
+        history, bound_tools=("book", "cancel"), trained_tools=frozenset({"book", "search"})
+    )
+    assert tools_unseen(ctx) == pytest.approx(0.5)
+    learnt = RoutingContext(history, bound_tools=("book",), trained_tools=frozenset({"book"}))
+    assert tools_unseen(learnt) == 0.0
+    with pytest.raises(SignalAbsent, match="no tools"):
+        tools_unseen(RoutingContext(history, trained_tools=frozenset({"book"})))
+    with pytest.raises(SignalAbsent, match="tools the student learnt"):
+        tools_unseen(RoutingContext(history, bound_tools=("book",)))
