@@ -716,6 +716,8 @@ class ChatUnderstudy(BaseChatModel):
                 if choice == "any"
                 else choice
             )
+            if (kwargs or {}).get("parallel_tool_calls") is not None:
+                out["parallel_tool_calls"] = kwargs["parallel_tool_calls"]  # type: ignore[index]
         return out
 
     def bind_tools(

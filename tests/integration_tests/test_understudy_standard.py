@@ -1,8 +1,9 @@
 """langchain-tests standard suites for ChatUnderstudy.
 
 The student is a ChatStudent over the tiny random-weight GGUF of the fixtures; the teacher a fake
-chat model. Two configurations run the integration suite: one where the router keeps every
-request on the student, one where it sends every request to the teacher.
+chat model. Three configurations run the integration suite: one where the router keeps every
+request on the student, the same with tool calling on over the student distilled to call the
+suites' tools, and one where it sends every request to the teacher.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class _Params:
 
     @property
     def has_tool_calling(self) -> bool:
-        return False  # the student cannot call tools; tool-using agents keep the teacher
+        return False  # the random-weight student was not distilled to call the suites' tools
 
     @property
     def has_structured_output(self) -> bool:
@@ -76,6 +77,55 @@ class TestChatUnderstudyUnit(_Params, ChatModelUnitTests):
 
 class TestChatUnderstudyStudentAnswers(_Params, ChatModelIntegrationTests):
     """Threshold 1 in pre mode: nothing escalates, the student answers (and streams live)."""
+
+
+_CHILD_RUN = (
+    "the suite counts one chat-model start per call; the student that answers runs as a child "
+    "chat-model run of the routed call (so traces show both), which makes two. The invoked "
+    "structured answer is validated before that count fails"
+)
+
+
+class TestChatUnderstudyStudentCallsTools(_Params, ChatModelIntegrationTests):
+    """Threshold 1 in pre mode over the student distilled to call the suites' tools (the
+    ``tool_gguf`` fixture): tool calling, tool choice and function-calling structured output
+    through ``ChatUnderstudy.bind_tools``, answered and streamed by the student."""
+
+    @pytest.fixture(autouse=True)
+    def _student(self, tool_gguf: Path) -> None:
+        cls = type(self)
+        if getattr(cls, "_student_model", None) is None:
+            cls._student_model = ChatStudent(
+                model_path=tool_gguf, n_ctx=512, json_max_string_length=24
+            )
+
+    @property
+    def standard_chat_model_params(self) -> dict[str, Any]:
+        return {"temperature": 0, "max_tokens": 160, "stop": []}
+
+    @property
+    def has_tool_calling(self) -> bool:
+        return True
+
+    @property
+    def has_tool_choice(self) -> bool:
+        return True
+
+    @property
+    def has_structured_output(self) -> bool:
+        return True
+
+    @property
+    def structured_output_kwargs(self) -> dict[str, Any]:
+        return {"method": "function_calling"}
+
+    @pytest.mark.xfail(reason=_CHILD_RUN, strict=True)
+    def test_structured_output(self, model: Any, schema_type: str) -> None:
+        super().test_structured_output(model, schema_type)
+
+    @pytest.mark.xfail(reason=_CHILD_RUN, strict=True)
+    async def test_structured_output_async(self, model: Any, schema_type: str) -> None:
+        await super().test_structured_output_async(model, schema_type)
 
 
 class TestChatUnderstudyTeacherAnswers(_Params, ChatModelIntegrationTests):

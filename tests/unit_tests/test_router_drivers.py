@@ -139,3 +139,39 @@ async def test_a_failing_student_behaves_alike(teacher: str) -> None:
     assert invoked[0] == "the teacher answer" and invoked[-2].startswith("student failed")
     assert _pick(list(llm.stream("fail"))[-1]) == invoked
     assert _pick(await llm.ainvoke("fail")) == invoked
+
+
+def test_the_teacher_receives_the_bound_tools_in_the_openai_form() -> None:
+    seen: list[dict[str, Any]] = []
+
+    class _Teacher(BaseChatModel):
+        @property
+        def _llm_type(self) -> str:
+            return "recording-teacher"
+
+        def _generate(
+            self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None, **kw: Any
+        ) -> ChatResult:
+            seen.append(kw)
+            call = {"name": "lookup", "args": {"q": "x"}, "id": "t1"}
+            return ChatResult(
+                generations=[ChatGeneration(message=AIMessage("", tool_calls=[call]))]
+            )
+
+    def lookup(q: str) -> str:
+        """Look something up."""
+        return q
+
+    llm = ChatUnderstudy(student=_Student(), teacher=_Teacher(), router=Router(threshold=0.0))
+    bound = llm.bind_tools([lookup], tool_choice="any", parallel_tool_calls=False)
+    msg = bound.invoke("risk=0.9 find x")
+    assert msg.tool_calls[0]["name"] == "lookup"
+    assert msg.response_metadata["understudy"]["answered_by"] == "teacher"
+    (kw,) = seen
+    assert [t["function"]["name"] for t in kw["tools"]] == ["lookup"]
+    assert kw["tools"][0]["type"] == "function"
+    assert kw["tool_choice"] == "required" and kw["parallel_tool_calls"] is False
+    # a named choice reaches the teacher as OpenAI's named-function form
+    llm.bind_tools([lookup], tool_choice="lookup").invoke("risk=0.9 find x")
+    assert seen[-1]["tool_choice"] == {"type": "function", "function": {"name": "lookup"}}
+    assert "parallel_tool_calls" not in seen[-1]
