@@ -1,4 +1,10 @@
-"""The only place, with ``chat_models.py``, that touches ``llama_cpp``."""
+"""The only place that touches ``llama_cpp``: loading, quantizing, and the two internals decoding reads.
+
+llama-cpp-python exposes neither the raw logits of the last position nor end-of-generation
+tokens through its public ``Llama`` API, so :func:`last_logits` and :func:`is_end_of_generation`
+read its private ``_ctx`` and ``_model``; pyproject pins the llama-cpp-python release they are
+tested against.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,15 @@ from typing import Any
 
 from langchain_understudy.errors import ArtifactError, ConfigError
 
-__all__ = ["diagnose_gguf", "gguf_problem", "llama_quantize", "load_llama"]
+__all__ = [
+    "diagnose_gguf",
+    "gguf_problem",
+    "grammar_class",
+    "is_end_of_generation",
+    "last_logits",
+    "llama_quantize",
+    "load_llama",
+]
 
 
 #: Sizes of GGUF's fixed-size value types (type id → bytes); 8 is a string, 9 an array.
@@ -231,3 +245,24 @@ def llama_quantize(src: Path, dst: Path, ftype: int, *, n_threads: int = 0) -> N
             "f32/f16 GGUF written by export_gguf and that the target type fits its tensor shapes"
         )
         raise ConfigError(msg)
+
+
+def last_logits(llm: Any, n_vocab: int) -> Any:
+    """The raw logits of the last evaluated position, as a NumPy view (no copy)."""
+    import numpy as np
+
+    return np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,))
+
+
+def is_end_of_generation(llm: Any, token: int) -> bool:
+    """Whether ``token`` ends generation for this model (EOS, EOT and the like)."""
+    import llama_cpp
+
+    return bool(llama_cpp.llama_vocab_is_eog(llm._model.vocab, token))
+
+
+def grammar_class() -> Any:
+    """llama-cpp-python's ``LlamaGrammar`` (``from_string``, ``from_json_schema``)."""
+    from llama_cpp import LlamaGrammar
+
+    return LlamaGrammar

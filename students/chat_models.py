@@ -46,6 +46,13 @@ from langchain_understudy.prompting import (
     render_prompt,
     tool_specs,
 )
+from langchain_understudy.students._llama import (
+    diagnose_gguf,
+    grammar_class,
+    is_end_of_generation,
+    last_logits,
+    load_llama,
+)
 from langchain_understudy.students._tool_calls import (
     CallStream,
     calls_schema,
@@ -283,13 +290,9 @@ class ChatStudent(BaseChatModel):
     def _check_file(self) -> ChatStudent:
         path = Path(self.model_path)
         if not path.is_file():
-            from langchain_understudy.students._llama import diagnose_gguf
-
             raise ArtifactError(diagnose_gguf(path))
         with open(path, "rb") as f:
             if f.read(4) != b"GGUF":
-                from langchain_understudy.students._llama import diagnose_gguf
-
                 raise ArtifactError(diagnose_gguf(path))
         if self.json_schema is not None:
             self._grammar(self.json_schema)
@@ -387,8 +390,6 @@ class ChatStudent(BaseChatModel):
 
     # -- runtime ------------------------------------------------------------------------------
     def _load(self) -> Any:
-        from langchain_understudy.students._llama import load_llama
-
         return load_llama(
             Path(self.model_path),
             n_ctx=self.n_ctx,
@@ -441,9 +442,7 @@ class ChatStudent(BaseChatModel):
         """
         grammar = self._grammars.pop(key, None)
         if grammar is None:
-            from llama_cpp import LlamaGrammar
-
-            grammar = build(LlamaGrammar)
+            grammar = build(grammar_class())
             while len(self._grammars) >= GRAMMAR_CACHE:
                 self._grammars.pop(next(iter(self._grammars)))
         self._grammars[key] = grammar  # re-inserted: most recently used last
@@ -648,8 +647,6 @@ class ChatStudent(BaseChatModel):
         ``marker`` is a token that counts as the stop string ``<|call|>`` (a tokenizer that keeps
         the marker as one control token detokenizes it to nothing).
         """
-        import llama_cpp
-
         eos = llm.token_eos()
         n_vocab = llm.n_vocab()
         hold = max((len(s) for s in stops), default=1) - 1
@@ -667,11 +664,10 @@ class ChatStudent(BaseChatModel):
         ):
             if want_conf:
                 # logits of the position that produced `token` (the last one evaluated)
-                logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,))
-                gen.logprobs.append(_log_softmax_at(logits, token))
+                gen.logprobs.append(_log_softmax_at(last_logits(llm, n_vocab), token))
             if token == marker:
                 hit = CALL
-            if hit or token == eos or llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):
+            if hit or token == eos or is_end_of_generation(llm, token):
                 gen.finish_reason = "stop"
                 break
             gen.completion_tokens += 1

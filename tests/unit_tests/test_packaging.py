@@ -91,6 +91,27 @@ def test_import_is_cheap_and_never_imports_torch_or_llama_cpp() -> None:
     assert out.strip() == "[]"
 
 
+def test_only_the_engine_module_touches_llama_cpp() -> None:
+    """llama-cpp-python (and its private internals) is reached through ``students/_llama.py``."""
+    import ast
+
+    root = Path(__file__).resolve().parents[2]
+    offenders = []
+    for d in ("langchain_understudy", *SUBPACKAGES):
+        for f in (root / d).rglob("*.py"):
+            for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+                names = (
+                    [a.name for a in node.names]
+                    if isinstance(node, ast.Import)
+                    else [node.module or ""]
+                    if isinstance(node, ast.ImportFrom)
+                    else []
+                )
+                if any(n == "llama_cpp" or n.startswith("llama_cpp.") for n in names):
+                    offenders.append(str(f.relative_to(root)))
+    assert sorted(set(offenders)) == ["students/_llama.py"]
+
+
 def test_public_api_is_pinned() -> None:
     import langchain_understudy as lu
     import langchain_understudy.students as students
