@@ -45,6 +45,7 @@ from langchain_understudy.errors import ConfigError
 from langchain_understudy.router._logistic import fit_logistic, sigmoid
 from langchain_understudy.router.signals import (
     DEFAULT_SIGNALS,
+    MAX_RAMP_RISK,
     TOOL_SIGNALS,
     RoutingContext,
     RoutingRules,
@@ -318,10 +319,14 @@ class Router:
         return SignalReading(values, absent, failed, elapsed, emb)
 
     def risk(self, name: str, value: float) -> float:
-        """Risk in [0, 1] of one signal value: calibrated when fitted, else the default ramp."""
+        """Risk in [0, 1] of one signal value: calibrated when fitted, else the default ramp.
+
+        Like the ramps, a calibrated risk stays at or below :data:`~.signals.MAX_RAMP_RISK`: a
+        score of exactly 1 is kept for rules and failing signals.
+        """
         if name in self.calibration:
             a, b = self.calibration[name]
-            return float(sigmoid(a * value + b))
+            return min(MAX_RAMP_RISK, float(sigmoid(a * value + b)))
         for spec in self.signals:
             if spec.name == name:
                 return spec.default_risk(value)

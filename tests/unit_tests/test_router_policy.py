@@ -294,3 +294,10 @@ def test_a_policy_file_keeps_its_calibrated_threshold_unless_one_is_set(tmp_path
     assert Router.from_settings(RouterSettings(policy=path)).threshold == 0.83
     assert Router.from_settings(RouterSettings(policy=path, threshold=0.2)).threshold == 0.2
     assert Router.from_settings(RouterSettings()).threshold == 0.5
+
+
+def test_a_saturated_calibration_stays_below_the_score_kept_for_rules() -> None:
+    from langchain_understudy.router.signals import MAX_RAMP_RISK
+
+    r = Router(calibration={"user_turns": (300.0, 1e9)})
+    assert r.risk("user_turns", 5.0) == MAX_RAMP_RISK < 1.0
