@@ -112,6 +112,17 @@ def test_only_the_engine_module_touches_llama_cpp() -> None:
     assert sorted(set(offenders)) == ["students/_llama.py"]
 
 
+def test_the_makefile_builds_the_llama_cpp_python_release_pyproject_pins() -> None:
+    import re
+    import tomllib
+
+    root = Path(__file__).resolve().parents[2]
+    deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    (pin,) = [d for d in deps if d.startswith("llama-cpp-python")]
+    built = re.search(r"^LLAMA_CPP_VERSION := (\S+)$", (root / "Makefile").read_text(), re.M)
+    assert built is not None and pin == f"llama-cpp-python=={built.group(1)}"
+
+
 def test_public_api_is_pinned() -> None:
     import langchain_understudy as lu
     import langchain_understudy.students as students
