@@ -42,7 +42,14 @@ from pathlib import Path
 from typing import Any
 
 from _common import machine, require_data, save, table
-from sgd_traces import MAX_RESULTS, SERVICES, load_schema, service_tools, split_traces
+from sgd_traces import (
+    SERVICES,
+    load_schema,
+    service_tools,
+    split_traces,
+    system_line,
+    tool_result,
+)
 
 ROUTER_POLICY = "router_policy.json"  # saved as router_policy_{budget,quality}.json
 
@@ -156,7 +163,7 @@ class ReplayTools:
         from langchain_core.tools import StructuredTool
 
         self.expected: dict[str, Any] | None = None
-        self.result = json.dumps({"count": 0, "results": []})
+        self.result = tool_result([])
         self.made: list[dict[str, Any]] = []
         self.tools = []
         for spec in service_tools(service):
@@ -176,7 +183,7 @@ class ReplayTools:
             self.made.append(made)
             if made == self.expected:
                 return self.result
-            return json.dumps({"count": 0, "results": []})
+            return tool_result([])
 
         return call
 
@@ -298,7 +305,7 @@ def agent_arm(
     for dialogue, service in tqdm(dialogues, desc="agent dialogues", unit="dialogue"):
         tools = ReplayTools(service)
         agent = create_agent(model=llm, tools=tools.tools)
-        history: list[Any] = [SystemMessage(f"You help the user: {service['description']}.")]
+        history: list[Any] = [SystemMessage(system_line(service))]
         turns_right, n_turns, n_calls, teacher_steps, steps = 0, 0, 0, 0, 0
         for i, turn in enumerate(dialogue["turns"]):
             if turn["speaker"] == "USER":
@@ -312,7 +319,7 @@ def agent_arm(
                     "args": dict(frame["service_call"]["parameters"]),
                 }
                 results = frame.get("service_results", [])
-                tools.result = json.dumps({"count": len(results), "results": results[:MAX_RESULTS]})
+                tools.result = tool_result(results)
                 n_calls += 1
             tools.expected, tools.made = expected, []
             try:

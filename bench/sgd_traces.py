@@ -81,6 +81,16 @@ def service_tools(service: dict[str, Any]) -> list[dict[str, Any]]:
     return tools
 
 
+def system_line(service: dict[str, Any]) -> str:
+    """The system message every trace of a service starts with."""
+    return f"You help the user: {service['description']}."
+
+
+def tool_result(results: list[dict[str, Any]], max_results: int = MAX_RESULTS) -> str:
+    """What a service's tool returns: the count and the first ``max_results`` results."""
+    return json.dumps({"count": len(results), "results": results[:max_results]})
+
+
 def _state(turn: dict[str, Any]) -> dict[str, list[str]]:
     for frame in turn["frames"]:
         if "state" in frame:
@@ -96,7 +106,7 @@ def dialogue_traces(
     max_results: int = MAX_RESULTS,
 ) -> Iterator[dict[str, Any]]:
     """One trace (an OpenAI chat fine-tuning line) per SYSTEM turn, two for a turn that calls."""
-    system = {"role": "system", "content": f"You help the user: {service['description']}."}
+    system = {"role": "system", "content": system_line(service)}
     history: list[dict[str, Any]] = [system]
     before: dict[str, list[str]] = {}  # dialogue state before the last user turn
     state: dict[str, list[str]] = {}
@@ -130,7 +140,7 @@ def dialogue_traces(
             result = {
                 "role": "tool",
                 "tool_call_id": call_id,
-                "content": json.dumps({"count": len(results), "results": results[:max_results]}),
+                "content": tool_result(results, max_results),
             }
             yield {
                 "messages": [*history, asked],

@@ -704,20 +704,20 @@ class ChatUnderstudy(BaseChatModel):
         }
         if self.max_tokens is not None:
             out["max_tokens"] = self.max_tokens
-        tools = (kwargs or {}).get("tools")
-        if tools:
+        kw = kwargs or {}
+        if kw.get("tools"):
             # the OpenAI wire format, which ChatOpenAI and OpenAI-compatible teachers take
-            out["tools"] = tools
-            choice = (kwargs or {}).get("tool_choice", "auto")
+            out["tools"] = kw["tools"]
+            choice = kw.get("tool_choice", "auto")
             out["tool_choice"] = (
-                {"type": "function", "function": {"name": choice}}
-                if choice not in ("auto", "none", "any")
-                else "required"
+                "required"
                 if choice == "any"
                 else choice
+                if choice in ("auto", "none")
+                else {"type": "function", "function": {"name": choice}}
             )
-            if (kwargs or {}).get("parallel_tool_calls") is not None:
-                out["parallel_tool_calls"] = kwargs["parallel_tool_calls"]  # type: ignore[index]
+            if kw.get("parallel_tool_calls") is not None:
+                out["parallel_tool_calls"] = kw["parallel_tool_calls"]
         return out
 
     def bind_tools(
