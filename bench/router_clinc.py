@@ -460,7 +460,7 @@ def collect_variants(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str
         "n_ctx": args.n_ctx,
         "max_tokens": args.max_tokens,
         "temperature": 0.0,
-        "n_instances": max(1, args.workers),
+        "n_parallel": max(1, args.workers),
     }
     ood: Any = args.ood_index
     trained_facts: dict[str, Any] = {}

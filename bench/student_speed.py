@@ -96,11 +96,10 @@ def measure(runner: str, path: str) -> dict[str, float]:
             confidence=runner == "student+conf",
             stop=None,
         )
-        llm = student.load()._get_pool().peek()
+        student.load()
         msgs = [HumanMessage(PROMPT)]
 
         def run(n: int) -> tuple[float, int]:
-            llm.reset()
             t = time.perf_counter()
             m = student.invoke(msgs, max_tokens=n)
             return time.perf_counter() - t, int(m.usage_metadata["output_tokens"]) + (

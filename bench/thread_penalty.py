@@ -1,5 +1,6 @@
 """Decoding off the main thread: the same 8 requests on the main thread, on a worker thread, and
-8 at once on one ``ChatStudent``, interleaved in one run.
+8 at once on one ``ChatStudent`` (continuous batching: 8 slots, and 1 slot for comparison),
+interleaved in one run.
 
 llama.cpp built with OpenMP (libgomp) keeps one spinning thread team per calling thread, so a
 second thread that decodes competes with the first team for the same cores; the Makefile builds
@@ -45,6 +46,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--parallel", type=int, default=8, help="slots of the batching student")
     args = ap.parse_args()
 
     import llama_cpp
@@ -53,12 +55,16 @@ def main() -> None:
 
     folder = Path(tempfile.mkdtemp(prefix="thread-penalty-"))
     gguf = _student_gguf(folder)
-    student = ChatStudent(
-        model_path=gguf, n_ctx=512, max_tokens=args.tokens, n_threads=args.threads, stop=["\x00"]
-    ).load()
-    one_thread = ChatStudent(
-        model_path=gguf, n_ctx=512, max_tokens=args.tokens, n_threads=1, stop=["\x00"]
-    ).load()
+
+    def make(**kw: object) -> ChatStudent:
+        opts = {"n_threads": args.threads, "n_parallel": args.parallel, **kw}
+        return ChatStudent(
+            model_path=gguf, n_ctx=512, max_tokens=args.tokens, stop=["\x00"], **opts
+        ).load()
+
+    student = make()
+    one_slot = make(n_parallel=1)
+    one_thread = make(n_threads=1)
     prompts = [f"request {i}: how much is plan {i}?" for i in range(8)]
 
     def sequential() -> None:
@@ -74,6 +80,10 @@ def main() -> None:
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(lambda p: student.invoke(p, confidence=False), prompts))
 
+    def concurrent_one_slot() -> None:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda p: one_slot.invoke(p, confidence=False), prompts))
+
     def single_threaded() -> None:
         for p in prompts:
             one_thread.invoke(p, confidence=False)
@@ -82,6 +92,7 @@ def main() -> None:
         "main thread": sequential,
         "worker thread": on_worker,
         "8 concurrent": concurrent,
+        "8 concurrent, 1 slot": concurrent_one_slot,
         "main thread, n_threads=1": single_threaded,
     }
     times: dict[str, list[float]] = {k: [] for k in arms}
@@ -94,7 +105,9 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     out = {
         "benchmark": "8 requests decoded on the main thread, a worker thread, and concurrently",
-        "command": f"python bench/thread_penalty.py --repeats {args.repeats}",
+        "command": f"python bench/thread_penalty.py --repeats {args.repeats} "
+        f"--parallel {args.parallel}",
+        "n_parallel": args.parallel,
         "machine": machine(),
         "llama_cpp_python": llama_cpp.__version__,
         "student": "random-weight llama, hidden 512, 8 layers, Q8_0",
@@ -103,6 +116,7 @@ def main() -> None:
         "median_seconds": med,
         "worker_over_main": med["worker thread"] / med["main thread"],
         "concurrent_over_sequential": med["8 concurrent"] / med["main thread"],
+        "concurrent_one_slot_over_sequential": med["8 concurrent, 1 slot"] / med["main thread"],
         "one_thread_over_all_threads": med["main thread, n_threads=1"] / med["main thread"],
         "load_average": os.getloadavg(),
     }

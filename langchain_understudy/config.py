@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import os
 import tomllib
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from langchain_understudy.errors import ConfigError
@@ -59,9 +60,23 @@ class StudentSettings(_Section):
     """Sampling temperature; 0 is greedy and deterministic."""
     overflow: Literal["truncate", "error"] = "truncate"
     """What to do when a conversation exceeds the context: drop oldest turns or raise."""
-    n_instances: int = Field(default=1, ge=1, le=64)
-    """llama.cpp contexts serving requests in parallel (weights are shared; each context costs
-    its KV cache); ``understudy serve`` under concurrent clients wants more than one."""
+    n_parallel: int = Field(default=4, ge=1, le=64)
+    """Requests decoded together in one llama.cpp context (continuous batching); each slot holds
+    an ``n_ctx``-token KV range, and requests beyond ``n_parallel`` wait for a free slot."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_n_instances(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "n_instances" in data:
+            data = dict(data)
+            warnings.warn(
+                "[student] n_instances is now n_parallel (requests decoded together in one "
+                "llama.cpp context); rename it in understudy.toml",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            data.setdefault("n_parallel", data.pop("n_instances"))
+        return data
 
     def chat_student_kwargs(self) -> dict[str, Any]:
         """The ``ChatStudent`` options these settings describe (everything but the model file)."""
@@ -72,7 +87,7 @@ class StudentSettings(_Section):
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
             "overflow": self.overflow,
-            "n_instances": self.n_instances,
+            "n_parallel": self.n_parallel,
         }
 
 

@@ -25,7 +25,7 @@ temperature = 0.0       # 0 = greedy, deterministic
 n_gpu_layers = 0        # layers offloaded to a GPU (-1 = all); needs a CUDA/Metal llama.cpp build
 # n_threads = 4         # CPU threads (default: llama.cpp decides)
 overflow = "truncate"   # conversation longer than n_ctx: "truncate" oldest turns or "error"
-n_instances = 1         # llama.cpp contexts answering in parallel (raise for `understudy serve`)
+n_parallel = 4          # requests decoded together in one llama.cpp context (KV: n_ctx each)
 
 [knowledge]
 # Folder of the knowledge store (FAISS + SQLite); fill it with `understudy kb add`.

@@ -1,15 +1,13 @@
-"""The only place that touches ``llama_cpp``: loading, quantizing, and the two internals decoding reads.
+"""Loading and quantizing GGUF files with ``llama_cpp``, and checking them before llama.cpp does.
 
-llama-cpp-python exposes neither the raw logits of the last position nor end-of-generation
-tokens through its public ``Llama`` API, so :func:`last_logits` and :func:`is_end_of_generation`
-read its private ``_ctx`` and ``_model``; pyproject pins the llama-cpp-python release they are
-tested against.
+With ``_engine.py`` (the decoding engine) this is the only module that imports ``llama_cpp``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import math
 import mmap
 import os
 from pathlib import Path
@@ -21,8 +19,6 @@ __all__ = [
     "diagnose_gguf",
     "gguf_problem",
     "grammar_class",
-    "is_end_of_generation",
-    "last_logits",
     "llama_quantize",
     "load_llama",
 ]
@@ -153,6 +149,9 @@ def gguf_problem(path: Path) -> str | None:
         return f"{path} is truncated or corrupt ({type(e).__name__}: {e}); re-export or re-copy it"
     if end > size:
         return f"{path} is truncated ({size} bytes, needs {end}); re-export or re-copy it"
+    hparams = _hparams_problem(reader)
+    if hparams is not None:
+        return f"{path} is corrupt: {hparams}; re-export or re-copy it"
     for key, n in counts.items():
         if n != len(tokens):
             return (
@@ -167,6 +166,48 @@ def gguf_problem(path: Path) -> str | None:
                 "copy?); re-export or re-copy it"
             )
         seen.add(token)
+    return None
+
+
+#: Largest ``context_length`` taken as sound: llama-cpp-python allocates that many token ids to
+#: tokenize, so a flipped high bit would ask for gigabytes.
+MAX_CONTEXT_LENGTH = 1 << 27
+
+
+def _scalar(reader: Any, key: str) -> Any:
+    field = reader.fields.get(key)
+    if field is None or len(field.data) != 1 or len(field.types) != 1:
+        return None
+    part = field.parts[field.data[0]]
+    return part.item() if getattr(part, "size", 0) == 1 else None
+
+
+def _hparams_problem(reader: Any) -> str | None:
+    """Say which model setting is impossible, or return ``None``.
+
+    The settings checked are the ones that make llama.cpp abort the process (no layers, more than
+    it supports, a negative norm epsilon) or allocate without bound (the context length).
+    """
+    arch_field = reader.fields.get("general.architecture")
+    try:
+        arch = bytes(arch_field.parts[arch_field.data[0]]).decode() if arch_field else ""
+    except (IndexError, UnicodeDecodeError):
+        return "general.architecture is not readable text"
+    blocks = {
+        int(parts[1])
+        for t in reader.tensors
+        if (parts := str(t.name).split("."))[0] == "blk" and len(parts) > 2 and parts[1].isdigit()
+    }
+    n_layer = _scalar(reader, f"{arch}.block_count")
+    if n_layer is not None and blocks and n_layer != max(blocks) + 1:
+        return f"{arch}.block_count is {n_layer}, but the file holds {max(blocks) + 1} blocks"
+    n_ctx = _scalar(reader, f"{arch}.context_length")
+    if n_ctx is not None and not 0 < n_ctx <= MAX_CONTEXT_LENGTH:
+        return f"{arch}.context_length is {n_ctx}"
+    for key in (f"{arch}.attention.layer_norm_rms_epsilon", f"{arch}.attention.layer_norm_epsilon"):
+        eps = _scalar(reader, key)
+        if eps is not None and not (math.isfinite(eps) and eps >= 0):
+            return f"{key} is {eps}"
     return None
 
 
@@ -245,20 +286,6 @@ def llama_quantize(src: Path, dst: Path, ftype: int, *, n_threads: int = 0) -> N
             "f32/f16 GGUF written by export_gguf and that the target type fits its tensor shapes"
         )
         raise ConfigError(msg)
-
-
-def last_logits(llm: Any, n_vocab: int) -> Any:
-    """The raw logits of the last evaluated position, as a NumPy view (no copy)."""
-    import numpy as np
-
-    return np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,))
-
-
-def is_end_of_generation(llm: Any, token: int) -> bool:
-    """Whether ``token`` ends generation for this model (EOS, EOT and the like)."""
-    import llama_cpp
-
-    return bool(llama_cpp.llama_vocab_is_eog(llm._model.vocab, token))
 
 
 def grammar_class() -> Any:

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 from langchain_core.callbacks import (
     AsyncCallbackManagerForLLMRun,
     CallbackManagerForLLMRun,
@@ -46,11 +45,10 @@ from langchain_understudy.prompting import (
     render_prompt,
     tool_specs,
 )
+from langchain_understudy.students._engine import Engine, EngineStats, Sampling
 from langchain_understudy.students._llama import (
     diagnose_gguf,
     grammar_class,
-    is_end_of_generation,
-    last_logits,
     load_llama,
 )
 from langchain_understudy.students._tool_calls import (
@@ -102,11 +100,6 @@ def confidence_from_logprobs(logprobs: Sequence[float], weakest: int = CONFIDENC
     return float(min(1.0, max(0.0, math.exp(sum(low) / k))))
 
 
-def _log_softmax_at(logits: np.ndarray, token: int) -> float:
-    m = float(logits.max())
-    return float(logits[token]) - m - math.log(float(np.exp(logits - m).sum()))
-
-
 @dataclass
 class _Generation:
     """One finished or in-flight generation."""
@@ -133,40 +126,6 @@ class _Tools:
     @property
     def forced(self) -> bool:
         return self.choice not in ("auto", "none")
-
-
-class _Pool:
-    """llama.cpp contexts are not thread-safe: each call borrows one of ``size`` instances."""
-
-    def __init__(self, size: int, factory: Callable[[], Any]) -> None:
-        self._factory = factory
-        self._size = size
-        self._made = 0
-        self._free: queue.LifoQueue[Any] = queue.LifoQueue()
-        self._lock = threading.Lock()
-
-    def acquire(self) -> Any:
-        try:
-            return self._free.get_nowait()
-        except queue.Empty:
-            pass
-        with self._lock:
-            if self._made < self._size:
-                self._made += 1
-                try:
-                    return self._factory()
-                except BaseException:
-                    self._made -= 1
-                    raise
-        return self._free.get()
-
-    def release(self, item: Any) -> None:
-        self._free.put(item)
-
-    def peek(self) -> Any:
-        item = self.acquire()
-        self.release(item)
-        return item
 
 
 def _utf8(text: str) -> bytes:
@@ -261,8 +220,9 @@ class ChatStudent(BaseChatModel):
     json_max_string_length: int | None = Field(default=None, ge=1)
     """Cap on every JSON string the grammar allows (added as ``maxLength`` where a schema has
     none), so a small student cannot run away inside a string before ``max_tokens``."""
-    n_instances: int = Field(default=1, ge=1, le=64)
-    """llama.cpp contexts for concurrent calls (each holds its own KV cache)."""
+    n_parallel: int = Field(default=4, ge=1, le=64)
+    """Calls decoded together, as sequences of one llama.cpp context (continuous batching):
+    each slot holds its own ``n_ctx``-token KV range; calls beyond that wait for a free slot."""
     exemplars: ExemplarRetriever | None = None
     """Exemplar memory the student was distilled with: each prompt shows the teacher's past
     answers to the most similar requests (see :meth:`from_registry`). A per-call
@@ -282,8 +242,9 @@ class ChatStudent(BaseChatModel):
     verbose: bool = False
     """Let llama.cpp print its logs."""
 
-    _pool: _Pool | None = PrivateAttr(default=None)
-    _pool_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _llm: Any = PrivateAttr(default=None)
+    _engine: Engine | None = PrivateAttr(default=None)
+    _engine_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
     _grammars: dict[str, Any] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
@@ -400,25 +361,35 @@ class ChatStudent(BaseChatModel):
             verbose=self.verbose,
         )
 
-    def _get_pool(self) -> _Pool:
-        with self._pool_lock:
-            if self._pool is None:
-                self._pool = _Pool(self.n_instances, self._load)
-            return self._pool
+    def _get_engine(self) -> tuple[Any, Engine]:
+        """The loaded model (its tokenizer) and the engine decoding for it, made on first use."""
+        with self._engine_lock:
+            if self._engine is None:
+                llm = self._load()
+                self._engine = Engine(
+                    llm,
+                    slots=self.n_parallel,
+                    n_ctx=self.n_ctx,
+                    n_batch=self.n_batch,
+                    n_threads=self.n_threads,
+                )
+                self._llm = llm
+            return self._llm, self._engine
 
     def load(self) -> ChatStudent:
         """Load the model now instead of on first use; returns ``self``."""
-        self._get_pool().peek()
+        self._get_engine()
         return self
+
+    @property
+    def engine_stats(self) -> EngineStats | None:
+        """What the decoding engine has done (``None`` before the model is loaded)."""
+        return self._engine.stats if self._engine is not None else None
 
     def count_tokens(self, text: str) -> int:
         """Return how many tokens the student's tokenizer makes of ``text``."""
-        pool = self._get_pool()
-        llm = pool.acquire()
-        try:
-            return len(llm.tokenize(_utf8(text), add_bos=True, special=True))
-        finally:
-            pool.release(llm)
+        llm, _ = self._get_engine()
+        return len(llm.tokenize(_utf8(text), add_bos=True, special=True))
 
     def _grammar(self, schema: Mapping[str, Any]) -> Any:
         if self.json_max_string_length:
@@ -549,51 +520,45 @@ class ChatStudent(BaseChatModel):
         want_conf = bool(kwargs.get("confidence", self.confidence))
         facts = kwargs.get("facts")
         specs = tools.specs if tools else None
-        pool = self._get_pool()
-        llm = pool.acquire()
-        try:
-            prefix = CALL if tools is not None and tools.forced else ""
-            tokens, dropped = self._prompt_tokens(
+        llm, _ = self._get_engine()
+        prefix = CALL if tools is not None and tools.forced else ""
+        tokens, dropped = self._prompt_tokens(
+            llm, messages, facts, max_tokens, exemplars, specs, prefix
+        )
+        if dropped:
+            warnings.warn(
+                f"conversation exceeded the student's context ({self.n_ctx} tokens); "
+                f"dropped the {dropped} oldest turn(s)",
+                stacklevel=3,
+            )
+        gen = _Generation(prompt_tokens=len(tokens), truncated_turns=dropped)
+        budget = min(max_tokens, self.n_ctx - len(tokens))
+        if not prefix:
+            marker = _single_token(llm, CALL) if tools is not None else None
+            hit = self._decode(
+                llm,
+                tokens,
+                gen,
+                stops,
+                budget,
+                temperature,
+                grammar,
+                want_conf,
+                on_text,
+                marker,
+            )
+            if hit != CALL or tools is None or tools.choice == "none":
+                gen.text = gen.text.strip() if hit == CALL else gen.text
+                return gen
+            prefix = gen.text + CALL
+            gen.text = gen.text.strip()
+            tokens, _ = self._prompt_tokens(
                 llm, messages, facts, max_tokens, exemplars, specs, prefix
             )
-            if dropped:
-                warnings.warn(
-                    f"conversation exceeded the student's context ({self.n_ctx} tokens); "
-                    f"dropped the {dropped} oldest turn(s)",
-                    stacklevel=3,
-                )
-            gen = _Generation(prompt_tokens=len(tokens), truncated_turns=dropped)
-            budget = min(max_tokens, self.n_ctx - len(tokens))
-            if not prefix:
-                marker = _single_token(llm, CALL) if tools is not None else None
-                hit = self._decode(
-                    llm,
-                    tokens,
-                    gen,
-                    stops,
-                    budget,
-                    temperature,
-                    grammar,
-                    want_conf,
-                    on_text,
-                    marker,
-                )
-                if hit != CALL or tools is None or tools.choice == "none":
-                    gen.text = gen.text.strip() if hit == CALL else gen.text
-                    return gen
-                prefix = gen.text + CALL
-                gen.text = gen.text.strip()
-                tokens, _ = self._prompt_tokens(
-                    llm, messages, facts, max_tokens, exemplars, specs, prefix
-                )
-                budget = min(budget - gen.completion_tokens, self.n_ctx - len(tokens))
-            if tools is not None:  # always, once a call has begun
-                self._decode_calls(
-                    llm, tokens, gen, budget, temperature, tools, want_conf, on_calls
-                )
-            return gen
-        finally:
-            pool.release(llm)
+            budget = min(budget - gen.completion_tokens, self.n_ctx - len(tokens))
+        if tools is not None:  # always, once a call has begun
+            self._decode_calls(llm, tokens, gen, budget, temperature, tools, want_conf, on_calls)
+        return gen
 
     def _decode_calls(
         self,
@@ -647,48 +612,47 @@ class ChatStudent(BaseChatModel):
         ``marker`` is a token that counts as the stop string ``<|call|>`` (a tokenizer that keeps
         the marker as one control token detokenizes it to nothing).
         """
-        eos = llm.token_eos()
-        n_vocab = llm.n_vocab()
+        _, engine = self._get_engine()
         hold = max((len(s) for s in stops), default=1) - 1
         raw = bytearray()
         emitted = 0  # characters of decoded text already handed out
         gen.finish_reason = "length"
-        sampler_args: dict[str, Any] = (
-            {"temp": temperature, "top_p": self.top_p, "top_k": 0, "min_p": 0.0}
-            if temperature > 0
-            else {"temp": 0.0, "top_k": 1, "top_p": 1.0, "min_p": 0.0}
+        sampling = Sampling(
+            temperature=temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+            grammar=grammar,
+            logprobs=want_conf,
         )
         hit: str | None = None
-        for token in llm.generate(
-            tokens, reset=True, repeat_penalty=1.0, grammar=grammar, **sampler_args
-        ):
-            if want_conf:
-                # logits of the position that produced `token` (the last one evaluated)
-                gen.logprobs.append(_log_softmax_at(last_logits(llm, n_vocab), token))
-            if token == marker:
-                hit = CALL
-            if hit or token == eos or is_end_of_generation(llm, token):
-                gen.finish_reason = "stop"
-                break
-            gen.completion_tokens += 1
-            raw += llm.detokenize([token], special=False)
-            text = raw.decode("utf-8", errors="ignore")
-            found = [(i, s) for s in stops if (i := text.find(s)) >= 0]
-            if found:
-                cut, hit = min(found)
-                text = text[:cut]
-                if on_text and len(text) > emitted:
-                    on_text(text[emitted:], None)
+        with engine.generate(tokens, max_tokens=max_tokens, sampling=sampling) as tokens_out:
+            for token, logprob, end in tokens_out:
+                if logprob is not None:
+                    gen.logprobs.append(logprob)
+                if token == marker:
+                    hit = CALL
+                if hit or end:
+                    gen.finish_reason = "stop"
+                    break
+                gen.completion_tokens += 1
+                raw += llm.detokenize([token], special=False)
+                text = raw.decode("utf-8", errors="ignore")
+                found = [(i, s) for s in stops if (i := text.find(s)) >= 0]
+                if found:
+                    cut, hit = min(found)
+                    text = text[:cut]
+                    if on_text and len(text) > emitted:
+                        on_text(text[emitted:], None)
+                    gen.text = text
+                    gen.finish_reason = "stop"
+                    return hit
+                safe = len(text) - hold
+                if on_text and safe > emitted:
+                    on_text(text[emitted:safe], gen.logprobs[-1] if gen.logprobs else None)
+                    emitted = safe
                 gen.text = text
-                gen.finish_reason = "stop"
-                return hit
-            safe = len(text) - hold
-            if on_text and safe > emitted:
-                on_text(text[emitted:safe], gen.logprobs[-1] if gen.logprobs else None)
-                emitted = safe
-            gen.text = text
-            if gen.completion_tokens >= max_tokens:
-                break
+                if gen.completion_tokens >= max_tokens:
+                    break
         if on_text and len(gen.text) > emitted:
             on_text(gen.text[emitted:], None)
         return hit

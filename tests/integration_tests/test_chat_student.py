@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -52,7 +53,7 @@ async def test_native_async(student: ChatStudent) -> None:
 
 
 def test_safe_from_many_threads(trained_gguf: Path) -> None:
-    student = ChatStudent(model_path=trained_gguf, n_ctx=256, max_tokens=8, n_instances=2)
+    student = ChatStudent(model_path=trained_gguf, n_ctx=256, max_tokens=8, n_parallel=2)
     questions = [
         f"What color is the cat {i}? It is {c}."
         for i, c in enumerate(["red", "blue", "green", "white"] * 4)
@@ -60,7 +61,12 @@ def test_safe_from_many_threads(trained_gguf: Path) -> None:
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda q: student.invoke(q).content, questions))
     assert answers == [q.rsplit(" ", 1)[-1].rstrip(".") for q in questions]
-    assert student._get_pool()._made <= 2
+    stats = student.engine_stats
+    assert stats is not None and stats.max_active == 2  # two slots, decoded together
+    deadline = time.monotonic() + 10  # the engine frees the last slot just after its answer
+    while stats.active and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert stats.finished == len(questions) and stats.active == 0
 
 
 def test_stop_and_max_tokens(student: ChatStudent) -> None:

@@ -56,5 +56,7 @@ def test_lora_adapters_are_merged_into_a_plain_llama_checkpoint(
 def test_lora_without_a_base_checkpoint_is_refused(tmp_path: Path) -> None:
     job = tmp_path / "job.toml"
     job.write_text("[student]\nlora = { r = 8 }\n")
-    with pytest.raises(ConfigError, match=r"student.lora needs student.base \(or base_checkpoint\)"):
+    with pytest.raises(
+        ConfigError, match=r"student.lora needs student.base \(or base_checkpoint\)"
+    ):
         DistillConfig.from_toml(job)

@@ -30,6 +30,8 @@ from test_fuzz_strategies import fuzz_settings  # noqa: E402
 pytestmark = pytest.mark.slow
 FUZZ = fuzz_settings(ci_examples=20)
 ANSWER_TIMEOUT_S = 120
+#: Where a damaged file that killed or hung the worker is kept, to be turned into a found case.
+FINDINGS = Path(tempfile.gettempdir()) / "understudy-fuzz-findings"
 
 
 def _serve_worker() -> None:
@@ -70,7 +72,7 @@ class Worker:
 
     def _last_words(self) -> str:
         lines = Path(self.log.name).read_bytes().decode("utf-8", "replace").splitlines()
-        return next((ln for ln in reversed(lines) if "GGML_ASSERT" in ln or "error" in ln), "")
+        return "\n".join(lines[-5:])
 
     def ask(self, path: Path, timeout: float = ANSWER_TIMEOUT_S) -> dict[str, Any]:
         """The outcome; ``{"outcome": "died", ...}`` when the process ended, ``{"outcome":
@@ -148,6 +150,10 @@ def test_any_damaged_gguf_answers_or_raises_and_the_process_survives(
     def case(raw: bytes) -> None:
         path.write_bytes(raw)
         got = worker.ask(path)
+        if got["outcome"] not in ("answer", "error"):  # kept for a regression test
+            FINDINGS.mkdir(parents=True, exist_ok=True)
+            got["kept"] = str(FINDINGS / f"{hashlib.sha256(raw).hexdigest()[:16]}.gguf")
+            shutil.copyfile(path, got["kept"])
         assert got["outcome"] in ("answer", "error"), got
         if got["outcome"] == "error":
             assert got["type"] in ("ArtifactError", "StudentError") and got["message"], got
@@ -275,6 +281,47 @@ def test_found_string_turned_array_is_an_artifact_error_not_a_hang(
     _string_turned_array(tiny_gguf, bad)
     got = worker.ask(bad, timeout=20)
     assert got["outcome"] == "error" and got["type"] == "ArtifactError", got
+
+
+def _set_scalar(src: Path, dst: Path, key: str, value: float) -> None:
+    """Copy ``src`` with the 4-byte metadata value ``key`` (an int or a float) set to ``value``."""
+    import struct
+
+    import gguf
+
+    reader = gguf.GGUFReader(str(src))
+    field = reader.fields[key]
+    part = field.parts[field.data[0]]
+    at = part.ctypes.data - reader.data.ctypes.data
+    fmt = "<f" if part.dtype.kind == "f" else "<I"
+    raw = bytearray(src.read_bytes())
+    raw[at : at + 4] = struct.pack(fmt, value)
+    dst.write_bytes(bytes(raw))
+
+
+#: Found by fuzzing (flipped bits in the header), each aborting llama.cpp or the tokenizer:
+#: no layers or more than llama.cpp supports (an assertion in its loader), a context length that
+#: reads as -1 (llama-cpp-python sizes its tokenize buffer by it), a negative or NaN norm epsilon
+#: (an assertion in the first decode).
+FOUND_HPARAMS = [
+    ("llama.block_count", 0, "block_count is 0"),
+    ("llama.block_count", 514, "block_count is 514"),
+    ("llama.block_count", 3, "block_count is 3"),
+    ("llama.context_length", 0xFFFFFFFF, "context_length is 4294967295"),
+    ("llama.attention.layer_norm_rms_epsilon", -1.0, "epsilon is -1.0"),
+    ("llama.attention.layer_norm_rms_epsilon", float("nan"), "epsilon is nan"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "said"), FOUND_HPARAMS)
+def test_found_impossible_setting_is_an_artifact_error_not_an_abort(
+    tiny_gguf: Path, tmp_path: Path, worker: Worker, key: str, value: float, said: str
+) -> None:
+    bad = tmp_path / "setting.gguf"
+    _set_scalar(tiny_gguf, bad, key, value)
+    got = worker.ask(bad, timeout=60)
+    assert got["outcome"] == "error" and got["type"] == "ArtifactError", got
+    assert said in got["message"] and "re-export" in got["message"]
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def served(tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         seeded = {t.id: t.content_hash for t in s.iter_traces(tags=["seed"])}
     recorder = TraceRecorder(store, redact=False)
     llm = ChatUnderstudy(
-        student=ChatStudent(model_path=tiny_gguf, n_ctx=256, max_tokens=4, n_instances=2),
+        student=ChatStudent(model_path=tiny_gguf, n_ctx=256, max_tokens=4, n_parallel=2),
         teacher=FakeTeacher(),
         router=Router(threshold=0.5),
         trace_callbacks=[recorder],

@@ -31,7 +31,7 @@ TEACHER_ANSWER = "the teacher's answer"
 
 def understudy(model_path: Path, **student: Any) -> ChatUnderstudy:
     """A GGUF student routed by ``ChatUnderstudy`` before generation, with a canned teacher."""
-    options: dict[str, Any] = {"n_ctx": 256, "max_tokens": 8, "n_instances": 2, **student}
+    options: dict[str, Any] = {"n_ctx": 256, "max_tokens": 8, "n_parallel": 2, **student}
     teacher = FakeListChatModel(responses=[TEACHER_ANSWER] * 100)
     return ChatUnderstudy(
         student=ChatStudent(model_path=model_path, **options), teacher=teacher, mode="pre"

@@ -91,15 +91,18 @@ def test_import_is_cheap_and_never_imports_torch_or_llama_cpp() -> None:
     assert out.strip() == "[]"
 
 
-def test_only_the_engine_module_touches_llama_cpp() -> None:
-    """llama-cpp-python (and its private internals) is reached through ``students/_llama.py``."""
+def test_only_the_engine_modules_touch_llama_cpp() -> None:
+    """llama-cpp-python, and its private internals (``Llama._model``, ``Llama._ctx``), are
+    reached through ``students/_llama.py`` (loading) and ``students/_engine.py`` (decoding)."""
     import ast
 
     root = Path(__file__).resolve().parents[2]
-    offenders = []
+    offenders, internals = [], []
     for d in ("langchain_understudy", *SUBPACKAGES):
         for f in (root / d).rglob("*.py"):
             for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Attribute) and node.attr in ("_model", "_ctx"):
+                    internals.append(str(f.relative_to(root)))
                 names = (
                     [a.name for a in node.names]
                     if isinstance(node, ast.Import)
@@ -109,7 +112,8 @@ def test_only_the_engine_module_touches_llama_cpp() -> None:
                 )
                 if any(n == "llama_cpp" or n.startswith("llama_cpp.") for n in names):
                     offenders.append(str(f.relative_to(root)))
-    assert sorted(set(offenders)) == ["students/_llama.py"]
+    assert sorted(set(offenders)) == ["students/_engine.py", "students/_llama.py"]
+    assert sorted(set(internals)) == ["students/_engine.py"]
 
 
 def test_the_makefile_builds_the_llama_cpp_python_release_pyproject_pins() -> None:
