@@ -15,7 +15,8 @@ confidence) is the caller's business: it reads ``(token, logprob, end)`` from th
 :class:`Generation` it got from :meth:`Engine.generate`, and closes it when it has what it needs.
 
 This module and ``_llama.py`` are the only ones that touch ``llama_cpp``; the llama-cpp-python
-internals read here (``Llama._model.model``, ``._model.vocab``, ``.context_params``) are tested
+internals read here (``Llama._model.model``, ``._model.vocab``, ``.context_params``, and a
+``LlamaGrammar``'s ``_grammar`` and ``_root`` text) are tested
 against the release pyproject pins.
 """
 
@@ -112,7 +113,6 @@ class Generation:
         self.made = 0  # tokens picked so far
         self.last = -1  # the last picked token, fed back in the next step
         self.sampler: Any = None
-        self.cancelled = False
 
     def __iter__(self) -> Iterator[tuple[int, float | None, bool]]:
         while True:
@@ -256,7 +256,6 @@ class _Loop:
                 if kind == "submit":
                     self._waiting.append(gen)
                 elif kind == "cancel":
-                    gen.cancelled = True
                     if gen in self._waiting:
                         self._waiting.remove(gen)
                         gen._emit(_END)

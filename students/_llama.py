@@ -174,6 +174,15 @@ def gguf_problem(path: Path) -> str | None:
 MAX_CONTEXT_LENGTH = 1 << 27
 
 
+def _architecture(reader: Any) -> str | None:
+    """``general.architecture`` ("" when absent, ``None`` when it is not readable text)."""
+    field = reader.fields.get("general.architecture")
+    try:
+        return bytes(field.parts[field.data[0]]).decode() if field else ""
+    except (IndexError, UnicodeDecodeError):
+        return None
+
+
 def _scalar(reader: Any, key: str) -> Any:
     field = reader.fields.get(key)
     if field is None or len(field.data) != 1 or len(field.types) != 1:
@@ -188,10 +197,8 @@ def _hparams_problem(reader: Any) -> str | None:
     The settings checked are the ones that make llama.cpp abort the process (no layers, more than
     it supports, a negative norm epsilon) or allocate without bound (the context length).
     """
-    arch_field = reader.fields.get("general.architecture")
-    try:
-        arch = bytes(arch_field.parts[arch_field.data[0]]).decode() if arch_field else ""
-    except (IndexError, UnicodeDecodeError):
+    arch = _architecture(reader)
+    if arch is None:
         return "general.architecture is not readable text"
     blocks = {
         int(parts[1])
@@ -219,11 +226,8 @@ def diagnose_gguf(path: Path) -> str:
     import gguf
 
     reader = gguf.GGUFReader(str(path))
-    field = reader.fields.get("general.architecture")
-    try:
-        arch = bytes(field.parts[field.data[0]]).decode() if field else "unknown"
-    except (IndexError, UnicodeDecodeError):
-        arch = "unreadable"
+    arch = _architecture(reader)
+    arch = "unreadable" if arch is None else arch or "unknown"
     return (
         f"llama.cpp could not load {path} (architecture {arch!r}); this llama-cpp-python build may "
         "not support that architecture: upgrade llama-cpp-python or export a llama/qwen2 student"
