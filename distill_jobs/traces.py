@@ -509,6 +509,14 @@ def _message_from_openai(m: Any, where: str) -> BaseMessage:
             except json.JSONDecodeError as e:
                 msg = f"{w}.function.arguments is not valid JSON ({e.msg} at column {e.colno})"
                 raise TraceError(msg) from e
+            except (RecursionError, ValueError) as e:  # too deep; an integer of > 4,300 digits
+                msg = f"{w}.function.arguments cannot be read: {e}"
+                raise TraceError(msg) from None
+            try:  # the arguments are a JSON text of their own: held to the line's rules
+                _check_json(args)
+            except TraceError as e:
+                msg = f"{w}.function.arguments: {e}"
+                raise TraceError(msg) from None
         if not isinstance(args, dict):
             msg = f"{w}.function.arguments must encode a JSON object, got {type(args).__name__}"
             raise TraceError(msg)

@@ -217,6 +217,20 @@ FOUND = {
         f'{{"messages": [{QA}], "metadata": {{"\\udfff": 1}}}}',
         "surrogate",
     ),
+    # a lone surrogate escape inside a tool call's arguments (JSON in a string): the line passed
+    # its own check, its parsed arguments did not fit SQLite, and the import stopped with exit 1
+    "lone-surrogate-in-tool-arguments": (
+        '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "", '
+        '"tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", '
+        '"arguments": "{\\"\\\\ud800\\": null}"}}]}]}',
+        "surrogate",
+    ),
+    "deep-nesting-in-tool-arguments": (
+        '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "", '
+        '"tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", '
+        f'"arguments": "{{\\"a\\": {"[" * 5000 + "]" * 5000}}}"}}}}]}}]}}',
+        "arguments",
+    ),
     # 5,000 nested arrays: RecursionError out of json.loads
     "deep-nesting": (
         f'{{"messages": [{QA}], "metadata": {{"x": {"[" * 5000 + "]" * 5000}}}}}',
