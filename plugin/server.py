@@ -2,7 +2,8 @@ r"""``understudy serve``: an OpenAI-compatible HTTP API over the routed understu
 
 Endpoints: ``POST /v1/chat/completions`` (with and without ``stream``), ``GET /v1/models``,
 ``GET /healthz`` and ``GET /metrics`` (Prometheus text format rendered by ``prometheus-client``:
-request counts, a latency histogram, who answered and the teacher-call rate). Any OpenAI client
+request counts, a latency histogram, who answered, the teacher-call rate and the student's
+decoding engine: slots, sequences decoding and waiting, steps and tokens). Any OpenAI client
 can point its ``base_url`` at ``http://127.0.0.1:8321/v1``.
 
 Tool calling and structured output are served as OpenAI defines them: ``tools``, ``tool_choice``
@@ -40,7 +41,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -150,8 +151,14 @@ class ServerMetrics(Collector):
         True
     """
 
-    def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+    def __init__(
+        self,
+        buckets: tuple[float, ...] = LATENCY_BUCKETS,
+        engine: Callable[[], tuple[int, Any] | None] | None = None,
+    ) -> None:
         self.buckets = tuple(sorted(buckets))
+        self.engine = engine
+        """Returns the serving student's slots and ``EngineStats`` (``None``: no engine yet)."""
         self._lock = threading.Lock()
         self.requests: Counter[tuple[str, int]] = Counter()
         self.bucket_counts = [0] * len(self.buckets)
@@ -253,6 +260,40 @@ class ServerMetrics(Collector):
             "understudy_uptime_seconds",
             "Seconds since the server started.",
             time.time() - self.started,
+        )
+        yield from self._engine_metrics()
+
+    def _engine_metrics(self) -> Iterator[Metric]:
+        """The student engine's gauges and counters, once it has loaded its model."""
+        found = self.engine() if self.engine is not None else None
+        if found is None:
+            return
+        slots, stats = found
+        yield GaugeMetricFamily(
+            "understudy_engine_slots", "Sequences the student decodes together at most.", slots
+        )
+        yield GaugeMetricFamily(
+            "understudy_engine_active_sequences",
+            "Generations in the student's context now.",
+            stats.active,
+        )
+        yield GaugeMetricFamily(
+            "understudy_engine_waiting_requests",
+            "Generations waiting for a free slot.",
+            stats.waiting,
+        )
+        yield CounterMetricFamily(
+            "understudy_engine_decode_steps", "Batches the student has decoded.", value=stats.steps
+        )
+        yield CounterMetricFamily(
+            "understudy_engine_tokens",
+            "Tokens the student has decoded, prompt tokens included.",
+            value=stats.tokens,
+        )
+        yield CounterMetricFamily(
+            "understudy_engine_generated_tokens",
+            "Tokens the student has generated.",
+            value=stats.generated,
         )
 
     def render(self) -> str:
@@ -895,6 +936,21 @@ def _finish_reason(message: BaseMessage, legacy: bool) -> str:
     return "stop"
 
 
+def _engine_of(llm: Any) -> tuple[int, Any] | None:
+    """The slots and engine stats of the student serving ``llm``, once its model is loaded."""
+    model = llm
+    current = getattr(llm, "current_student", None)
+    if callable(current):
+        try:
+            model = current()
+        except UnderstudyError:  # e.g. nothing promoted yet
+            return None
+    stats = getattr(model, "engine_stats", None)
+    if stats is None:
+        return None
+    return int(getattr(model, "n_parallel", 0)), stats
+
+
 def create_app(
     llm: Any,
     *,
@@ -925,7 +981,7 @@ def create_app(
     # An explicit "" switches authentication off (tests); None reads the environment.
     key = (api_key if api_key is not None else os.environ.get(s.api_key_env)) or None
     name = model_name or str(getattr(llm, "model_name", None) or "understudy")
-    metrics = ServerMetrics()
+    metrics = ServerMetrics(engine=lambda: _engine_of(llm))
     gate = asyncio.Semaphore(max_concurrency)
     created = int(time.time())
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,33 @@ def test_follow_up_escalates_to_the_teacher_and_metrics_count_it(
     assert 0.0 < rate < 1.0
     assert 'understudy_answers_total{answered_by="teacher"}' in metrics
     assert "understudy_chat_completion_seconds_bucket" in metrics
+
+
+def _samples(server: ServerThread) -> dict[str, float]:
+    text = httpx.get(server.base_url.replace("/v1", "/metrics"), timeout=10).text
+    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+            if line.startswith("understudy_engine_")}  # fmt: skip
+
+
+def test_metrics_show_the_student_engine(
+    client: openai.OpenAI, server: ServerThread, llm: ChatUnderstudy
+) -> None:
+    before = _samples(server)
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda q: client.chat.completions.create(
+            model="understudy", messages=[{"role": "user", "content": q}], max_tokens=8),
+            [QUESTION, "what colour is the sky?", QUESTION + " now", "hello"]))  # fmt: skip
+    after = _samples(server)
+    assert after["understudy_engine_slots"] == llm.current_student().n_parallel  # type: ignore[attr-defined]
+    assert after["understudy_engine_active_sequences"] == 0  # all four have left their slots
+    assert after["understudy_engine_waiting_requests"] == 0
+    made = sum(a.usage.completion_tokens for a in answers if a.usage is not None)
+    generated = "understudy_engine_generated_tokens_total"
+    assert after[generated] - before.get(generated, 0) >= made > 0
+    steps = "understudy_engine_decode_steps_total"
+    assert after[steps] > before.get(steps, 0)
+    tokens = "understudy_engine_tokens_total"
+    assert after[tokens] - before.get(tokens, 0) > after[generated] - before.get(generated, 0)
 
 
 def test_malformed_requests_get_4xx_never_500(client: openai.OpenAI, server: ServerThread) -> None:
