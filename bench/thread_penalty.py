@@ -95,14 +95,28 @@ def main() -> None:
         "8 concurrent, 1 slot": concurrent_one_slot,
         "main thread, n_threads=1": single_threaded,
     }
+    engine_of = {"8 concurrent": student, "8 concurrent, 1 slot": one_slot, "main thread": student}
     times: dict[str, list[float]] = {k: [] for k in arms}
+    # where the batching arms spend their time: decode steps, and wall time inside llama_decode
+    decode: dict[str, dict[str, list[float]]] = {
+        k: {"steps": [], "ms_per_step": [], "decode_share": []} for k in engine_of
+    }
     sequential()  # warm-up
     for _ in range(args.repeats):
         for name, fn in arms.items():
+            stats = engine_of[name].engine_stats if name in engine_of else None
+            steps0, sec0 = (stats.steps, stats.decode_seconds) if stats else (0, 0.0)
             t0 = time.perf_counter()
             fn()
-            times[name].append(time.perf_counter() - t0)
+            wall = time.perf_counter() - t0
+            times[name].append(wall)
+            if stats is not None:
+                steps, sec = stats.steps - steps0, stats.decode_seconds - sec0
+                decode[name]["steps"].append(steps)
+                decode[name]["ms_per_step"].append(1000 * sec / max(1, steps))
+                decode[name]["decode_share"].append(sec / wall)
     med = {k: statistics.median(v) for k, v in times.items()}
+    inside = {k: {m: statistics.median(v) for m, v in d.items()} for k, d in decode.items()}
     out = {
         "benchmark": "8 requests decoded on the main thread, a worker thread, and concurrently",
         "command": f"python bench/thread_penalty.py --repeats {args.repeats} "
@@ -118,10 +132,16 @@ def main() -> None:
         "concurrent_over_sequential": med["8 concurrent"] / med["main thread"],
         "concurrent_one_slot_over_sequential": med["8 concurrent, 1 slot"] / med["main thread"],
         "one_thread_over_all_threads": med["main thread, n_threads=1"] / med["main thread"],
+        "decode": inside,
         "load_average": os.getloadavg(),
     }
     rows = [[k, f"{v:.2f}", f"{v / med['main thread']:.2f}"] for k, v in med.items()]
     print(table(["arm", "median s", "÷ main thread"], rows))
+    rows = [
+        [k, f"{d['steps']:.0f}", f"{d['ms_per_step']:.2f}", f"{100 * d['decode_share']:.0f}%"]
+        for k, d in inside.items()
+    ]
+    print(table(["arm", "decode steps", "ms per step", "wall time in llama_decode"], rows))
     print(f"wrote {save('thread_penalty', out)}")
 
 

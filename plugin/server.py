@@ -291,6 +291,11 @@ class ServerMetrics(Collector):
             value=stats.tokens,
         )
         yield CounterMetricFamily(
+            "understudy_engine_decode_seconds",
+            "Seconds the student has spent inside llama_decode.",
+            value=stats.decode_seconds,
+        )
+        yield CounterMetricFamily(
             "understudy_engine_generated_tokens",
             "Tokens the student has generated.",
             value=stats.generated,

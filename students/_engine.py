@@ -26,6 +26,7 @@ import atexit
 import math
 import queue
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -65,6 +66,8 @@ class EngineStats:
     """Tokens decoded, prompt tokens included."""
     generated: int = 0
     """Tokens picked for generations."""
+    decode_seconds: float = 0.0
+    """Wall time spent inside ``llama_decode`` (the rest of a step is sampling and bookkeeping)."""
     finished: int = 0
     """Generations that ended or were closed."""
     max_active: int = 0
@@ -312,7 +315,9 @@ class _Loop:
                 add(token, gen.read + i, gen.slot, last)
             gen.read += len(chunk)
         batch.n_tokens = n
+        started = time.perf_counter()
         status = lib.llama_decode(self._ctx, batch)
+        self.stats.decode_seconds += time.perf_counter() - started
         self.stats.steps += 1
         self.stats.tokens += n
         self.stats.max_active = max(self.stats.max_active, len(generating) + len(reading))

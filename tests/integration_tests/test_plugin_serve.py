@@ -110,6 +110,10 @@ def test_chat_openai_invokes_and_streams(server: ServerThread) -> None:
 def test_follow_up_escalates_to_the_teacher_and_metrics_count_it(
     client: openai.OpenAI, server: ServerThread
 ) -> None:
+    student = client.chat.completions.create(  # one the student answers, whatever ran before
+        model="understudy", messages=[{"role": "user", "content": QUESTION}], max_tokens=8
+    )
+    assert (student.model_extra or {})["understudy"]["answered_by"] == "student"
     resp = client.chat.completions.create(
         model="understudy",
         messages=[
@@ -153,6 +157,8 @@ def test_metrics_show_the_student_engine(
     assert after[steps] > before.get(steps, 0)
     tokens = "understudy_engine_tokens_total"
     assert after[tokens] - before.get(tokens, 0) > after[generated] - before.get(generated, 0)
+    seconds = "understudy_engine_decode_seconds_total"
+    assert after[seconds] > before.get(seconds, 0)
 
 
 def test_malformed_requests_get_4xx_never_500(client: openai.OpenAI, server: ServerThread) -> None:
