@@ -503,20 +503,8 @@ def _message_from_openai(m: Any, where: str) -> BaseMessage:
             )
             raise TraceError(msg)
         args = fn.get("arguments", "{}")
-        if isinstance(args, str):
-            try:
-                args = json.loads(args or "{}")
-            except json.JSONDecodeError as e:
-                msg = f"{w}.function.arguments is not valid JSON ({e.msg} at column {e.colno})"
-                raise TraceError(msg) from e
-            except (RecursionError, ValueError) as e:  # too deep; an integer of > 4,300 digits
-                msg = f"{w}.function.arguments cannot be read: {e}"
-                raise TraceError(msg) from None
-            try:  # the arguments are a JSON text of their own: held to the line's rules
-                _check_json(args)
-            except TraceError as e:
-                msg = f"{w}.function.arguments: {e}"
-                raise TraceError(msg) from None
+        if isinstance(args, str):  # a JSON text of its own: held to the line's rules
+            args = _read_json(args or "{}", f"{w}.function.arguments")
         if not isinstance(args, dict):
             msg = f"{w}.function.arguments must encode a JSON object, got {type(args).__name__}"
             raise TraceError(msg)
@@ -1063,18 +1051,7 @@ def _parse_line(
     except UnicodeDecodeError as e:
         msg = f"not valid UTF-8 (byte {e.start}); re-save the file as UTF-8"
         raise TraceError(msg) from e
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        msg = f"not valid JSON ({e.msg} at column {e.colno})"
-        raise TraceError(msg) from e
-    except RecursionError as e:
-        msg = f"nested more than {MAX_JSON_DEPTH} levels deep; flatten the line"
-        raise TraceError(msg) from e
-    except ValueError as e:  # an integer of more digits than Python converts
-        msg = f"not valid JSON ({e}); write huge numbers as strings"
-        raise TraceError(msg) from e
-    _check_json(obj)
+    obj = _read_json(text)
     if redactor is not None and isinstance(obj, Mapping):
         obj = {
             **obj,
@@ -1085,6 +1062,35 @@ def _parse_line(
     if tags:
         trace.tags = list(dict.fromkeys([*trace.tags, *tags]))
     return trace
+
+
+def _read_json(text: str, what: str = "") -> Any:
+    """``json.loads`` held to the import's rules (:func:`_check_json`).
+
+    Raises:
+        TraceError: the text is not JSON, too deep, holds an integer of more digits than Python
+            converts, or a string that is not valid Unicode; the message names ``what`` (the
+            line when empty).
+    """
+    lead = f"{what} is " if what else ""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        msg = f"{lead}not valid JSON ({e.msg} at column {e.colno})"
+        raise TraceError(msg) from e
+    except RecursionError as e:
+        msg = f"{lead}nested more than {MAX_JSON_DEPTH} levels deep; flatten it"
+        raise TraceError(msg) from e
+    except ValueError as e:  # an integer of more digits than Python converts
+        msg = f"{lead}not valid JSON ({e}); write huge numbers as strings"
+        raise TraceError(msg) from e
+    try:
+        _check_json(value)
+    except TraceError as e:
+        if not what:
+            raise
+        raise TraceError(f"{what}: {e}") from e
+    return value
 
 
 def _check_json(value: Any) -> None:

@@ -154,11 +154,11 @@ class ServerMetrics(Collector):
     def __init__(
         self,
         buckets: tuple[float, ...] = LATENCY_BUCKETS,
-        engine: Callable[[], tuple[int, Any] | None] | None = None,
+        engine: Callable[[], Any] | None = None,
     ) -> None:
         self.buckets = tuple(sorted(buckets))
         self.engine = engine
-        """Returns the serving student's slots and ``EngineStats`` (``None``: no engine yet)."""
+        """Returns the serving student's ``EngineStats`` (``None``: no engine yet)."""
         self._lock = threading.Lock()
         self.requests: Counter[tuple[str, int]] = Counter()
         self.bucket_counts = [0] * len(self.buckets)
@@ -265,12 +265,13 @@ class ServerMetrics(Collector):
 
     def _engine_metrics(self) -> Iterator[Metric]:
         """The student engine's gauges and counters, once it has loaded its model."""
-        found = self.engine() if self.engine is not None else None
-        if found is None:
+        stats = self.engine() if self.engine is not None else None
+        if stats is None:
             return
-        slots, stats = found
         yield GaugeMetricFamily(
-            "understudy_engine_slots", "Sequences the student decodes together at most.", slots
+            "understudy_engine_slots",
+            "Sequences the student decodes together at most.",
+            stats.slots,
         )
         yield GaugeMetricFamily(
             "understudy_engine_active_sequences",
@@ -941,8 +942,8 @@ def _finish_reason(message: BaseMessage, legacy: bool) -> str:
     return "stop"
 
 
-def _engine_of(llm: Any) -> tuple[int, Any] | None:
-    """The slots and engine stats of the student serving ``llm``, once its model is loaded."""
+def _engine_of(llm: Any) -> Any:
+    """The ``EngineStats`` of the student serving ``llm`` (``None`` until its model is loaded)."""
     model = llm
     current = getattr(llm, "current_student", None)
     if callable(current):
@@ -950,10 +951,7 @@ def _engine_of(llm: Any) -> tuple[int, Any] | None:
             model = current()
         except UnderstudyError:  # e.g. nothing promoted yet
             return None
-    stats = getattr(model, "engine_stats", None)
-    if stats is None:
-        return None
-    return int(getattr(model, "n_parallel", 0)), stats
+    return getattr(model, "engine_stats", None)
 
 
 def create_app(

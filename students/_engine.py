@@ -60,6 +60,8 @@ class Sampling:
 class EngineStats:
     """What the engine has done so far (read by ``/metrics`` and the benchmarks)."""
 
+    slots: int = 0
+    """Sequences the context holds (``n_parallel``)."""
     steps: int = 0
     """``llama_decode`` calls."""
     tokens: int = 0
@@ -230,7 +232,7 @@ class _Loop:
         self._mem = llama_cpp.llama_get_memory(ctx)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self.inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        self.stats = EngineStats()
+        self.stats = EngineStats(slots=slots)
         self._slots = _Slots(free=list(range(slots - 1, -1, -1)))
         self._waiting: deque[Generation] = deque()
 
