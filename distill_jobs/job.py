@@ -559,8 +559,12 @@ class DistillJob:
 
         Raises:
             JobLockedError: another run of this job is in progress.
-            ConfigError: too few examples, or an invalid configuration.
+            ConfigError: too few examples, an invalid configuration, or the ``train`` extra
+                (torch, transformers) not installed.
         """
+        from langchain_understudy._extras import require
+
+        require("train", "distillation")
         self.ranks = ranks_from_env()
         if not self.ranks.main:  # rank 0 holds the lock for the whole launch
             return self._run_locked(resume)

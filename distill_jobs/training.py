@@ -477,10 +477,9 @@ def plot_loss(
     losses: Sequence[tuple[int, float]], path: str | os.PathLike[str], title: str = ""
 ) -> Path:
     """Write the training-loss curve as a PNG."""
-    import matplotlib
+    from langchain_understudy._extras import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     if losses:

@@ -31,10 +31,22 @@ __all__ = [
     "TeacherSettings",
     "TraceSettings",
     "UnderstudyConfig",
+    "cache_dir",
     "load_config",
 ]
 
 QuantType = Literal["F32", "F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0"]
+
+
+def cache_dir(kind: str) -> Path:
+    """Where derived files of one kind are cached.
+
+    ``$UNDERSTUDY_CACHE_DIR/<kind>``, else ``~/.cache/langchain-understudy/<kind>``. Everything
+    kept there can be rebuilt from its source.
+    """
+    root = os.environ.get("UNDERSTUDY_CACHE_DIR")
+    base = Path(root) if root else Path.home() / ".cache" / "langchain-understudy"
+    return base / kind
 
 
 class _Section(BaseModel):
@@ -126,7 +138,9 @@ class KnowledgeSettings(FactSelection):
     min_relevance: float = Field(default=0.0, ge=0.0, le=1.0)
     """Facts below this relevance score are not shown to the student."""
     embedding_model: Path | None = None
-    """A local sentence-transformers folder; ``None`` uses the bundled all-MiniLM-L6-v2."""
+    """A sentence-transformers folder or an embedding ``.gguf``; ``None`` uses the bundled
+    all-MiniLM-L6-v2. BERT folders and GGUFs run in llama.cpp (no torch); other architectures
+    need sentence-transformers (the ``train`` extra)."""
 
 
 class TeacherSettings(_Section):

@@ -26,9 +26,9 @@ def _settings(args: argparse.Namespace) -> Any:
 
 
 def _embeddings(model: Path | None) -> Any:
-    from langchain_understudy.retrieval import SentenceTransformerEmbeddings, default_embeddings
+    from langchain_understudy.retrieval import load_embeddings
 
-    return SentenceTransformerEmbeddings(model) if model is not None else default_embeddings()
+    return load_embeddings(model)
 
 
 def _open(

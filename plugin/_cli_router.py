@@ -159,9 +159,9 @@ def _knowledge(cfg: Any, args: argparse.Namespace) -> Any:
 
     embedding = None
     if cfg.knowledge.embedding_model is not None:
-        from langchain_understudy.retrieval.embeddings import SentenceTransformerEmbeddings
+        from langchain_understudy.retrieval.embeddings import load_embeddings
 
-        embedding = SentenceTransformerEmbeddings(cfg.knowledge.embedding_model)
+        embedding = load_embeddings(cfg.knowledge.embedding_model)
     return KnowledgeStore(cfg.knowledge.path, embedding, create=False)
 
 

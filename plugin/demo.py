@@ -266,9 +266,9 @@ class _GroundedTeacher(BaseChatModel):
 
 
 def _cached_minilm() -> Embeddings:
-    from langchain_understudy.retrieval.embeddings import SentenceTransformerEmbeddings
+    from langchain_understudy.retrieval.embeddings import LlamaCppEmbeddings
 
-    class CachedMiniLM(SentenceTransformerEmbeddings):
+    class CachedMiniLM(LlamaCppEmbeddings):
         """The bundled MiniLM with a text → vector cache (the demo embeds questions twice)."""
 
         def __init__(self) -> None:
@@ -759,10 +759,9 @@ class _Demo:
         s_arr: Any,
         t_arr: Any,
     ) -> Path:
-        import matplotlib
+        from langchain_understudy._extras import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         curve = sorted(curve)
         fig, ax = plt.subplots(figsize=(6, 4))

@@ -62,9 +62,9 @@ def open_knowledge(cfg: UnderstudyConfig, embeddings: Embeddings | None = None) 
 
     emb = embeddings
     if emb is None and k.embedding_model is not None:
-        from langchain_understudy.retrieval import SentenceTransformerEmbeddings
+        from langchain_understudy.retrieval import load_embeddings
 
-        emb = SentenceTransformerEmbeddings(k.embedding_model)
+        emb = load_embeddings(k.embedding_model)
     # An existing store keeps its own index kind; the setting applies to a new one.
     exists = (Path(k.path) / "knowledge.sqlite").exists()
     return KnowledgeStore(k.path, emb, index=None if exists else k.index)

@@ -9,9 +9,11 @@ Example:
 """
 
 from langchain_understudy.retrieval.embeddings import (
+    LlamaCppEmbeddings,
     SentenceTransformerEmbeddings,
     default_embeddings,
     embeddings_name,
+    load_embeddings,
 )
 from langchain_understudy.retrieval.ingest import (
     SUPPORTED_SUFFIXES,
@@ -35,6 +37,7 @@ __all__ = [
     "IngestReport",
     "KnowledgeStats",
     "KnowledgeStore",
+    "LlamaCppEmbeddings",
     "MetadataFilter",
     "SentenceTransformerEmbeddings",
     "SourceReport",
@@ -43,5 +46,6 @@ __all__ = [
     "discover",
     "embeddings_name",
     "ingest_paths",
+    "load_embeddings",
     "load_source",
 ]

@@ -368,10 +368,9 @@ def plot_report(
         labels: Legend label per report (default: ``router/mode``).
         title: Figure title.
     """
-    import matplotlib
+    from langchain_understudy._extras import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rs = [reports] if isinstance(reports, RouterReport) else list(reports)
     names = list(labels) if labels is not None else [f"{r.router}/{r.mode}" for r in rs]

@@ -86,6 +86,9 @@ def teacher_from_settings(settings: TeacherSettings) -> BaseChatModel | None:
     if kind == "none":
         return None
     if kind == "openai":
+        from langchain_understudy._extras import require
+
+        require("openai", "the OpenAI teacher (teacher.kind = 'openai')")
         from langchain_openai import ChatOpenAI
 
         key = os.environ.get(settings.api_key_env)

@@ -1,4 +1,4 @@
-"""Loading and quantizing GGUF files with ``llama_cpp``, and checking them before llama.cpp does.
+"""Loading, quantizing and embedding with ``llama_cpp``, and checking GGUFs before llama.cpp does.
 
 With ``_engine.py`` (the decoding engine) this is the only module that imports ``llama_cpp``.
 """
@@ -17,9 +17,11 @@ from langchain_understudy.errors import ArtifactError, ConfigError
 
 __all__ = [
     "diagnose_gguf",
+    "embed_token_ids",
     "gguf_problem",
     "grammar_class",
     "llama_quantize",
+    "load_embedding_llama",
     "load_llama",
 ]
 
@@ -272,6 +274,71 @@ def load_llama(
             )
     except (ValueError, RuntimeError) as e:
         raise ArtifactError(diagnose_gguf(path)) from e
+
+
+def load_embedding_llama(path: Path, *, n_ctx: int, n_threads: int) -> Any:
+    """Load an encoder GGUF (BERT family) that pools each sequence into one vector.
+
+    The pooling the file declares (``<arch>.pooling_type``) is used; every input token is an
+    output, as llama.cpp requires in embedding mode.
+    """
+    import llama_cpp
+
+    problem = gguf_problem(path)
+    if problem is not None:
+        raise ArtifactError(problem)
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            return llama_cpp.Llama(
+                model_path=str(path),
+                embedding=True,
+                n_ctx=n_ctx,
+                n_batch=n_ctx,
+                n_ubatch=n_ctx,
+                n_threads=n_threads,
+                n_threads_batch=n_threads,
+                n_gpu_layers=0,
+                verbose=False,
+            )
+    except (ValueError, RuntimeError) as e:
+        raise ArtifactError(diagnose_gguf(path)) from e
+
+
+def embed_token_ids(llm: Any, ids: list[int]) -> Any:
+    """Run one tokenized sequence through an embedding ``Llama``; return its pooled vector.
+
+    One sequence per call: on CPU, packing several sequences into one batch was slower here
+    (llama.cpp masks attention across the whole batch, so its cost grows with the batch, not
+    with each sequence).
+    """
+    import llama_cpp
+    import numpy as np
+
+    n = len(ids)
+    batch = llama_cpp.llama_batch_init(n, 0, 1)
+    try:
+        for i, token in enumerate(ids):
+            batch.token[i] = token
+            batch.pos[i] = i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = True
+        batch.n_tokens = n
+        memory = llama_cpp.llama_get_memory(llm.ctx)
+        if memory:
+            llama_cpp.llama_memory_clear(memory, True)
+        rc = llama_cpp.llama_decode(llm.ctx, batch)
+        if rc != 0:
+            msg = f"llama.cpp failed to embed a sequence of {n} tokens (code {rc})"
+            raise ArtifactError(msg)
+        ptr = llama_cpp.llama_get_embeddings_seq(llm.ctx, 0)
+        if not ptr:
+            msg = "the embedding model returned no pooled vector; is it a sentence-embedding GGUF?"
+            raise ArtifactError(msg)
+        return np.ctypeslib.as_array(ptr, shape=(llm.n_embd(),)).copy()
+    finally:
+        llama_cpp.llama_batch_free(batch)
 
 
 def llama_quantize(src: Path, dst: Path, ftype: int, *, n_threads: int = 0) -> None:

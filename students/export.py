@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 import tempfile
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
@@ -27,6 +28,7 @@ __all__ = [
     "SUPPORTED_PRE_TOKENIZERS",
     "TOKENIZER_METADATA_FILE",
     "export_gguf",
+    "read_safetensors",
     "read_tokenizer_metadata",
 ]
 
@@ -234,9 +236,40 @@ def _tokenizer_meta(ckpt: Path, vocab_size: int) -> dict[str, Any]:
     }
 
 
-def _iter_weights(ckpt: Path) -> Iterator[tuple[str, np.ndarray]]:
-    from safetensors import safe_open
+_SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64}
 
+
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Read a ``.safetensors`` file into numpy arrays: memory-mapped, no pickle, no torch.
+
+    bf16 tensors come back as float32 (the same numbers: bf16 is float32's top half).
+    """
+    try:
+        with open(path, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
+        out = {}
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = _SAFETENSORS_DTYPES.get(meta["dtype"])
+            if dtype is None:
+                msg = f"{path}: tensor {name} is {meta['dtype']}; only F32, F16, BF16 and I64 are read"
+                raise ArtifactError(msg)
+            start, end = meta["data_offsets"]
+            raw = data[start:end]
+            array = raw.view(dtype)
+            if meta["dtype"] == "BF16":
+                array = (array.astype(np.uint32) << 16).view(np.float32)
+            out[name] = array.reshape(meta["shape"])
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
+        msg = f"{path} is not a readable safetensors file ({e}); re-save or re-copy the checkpoint"
+        raise ArtifactError(msg) from e
+    return out
+
+
+def _iter_weights(ckpt: Path) -> Iterator[tuple[str, np.ndarray]]:
     index = ckpt / "model.safetensors.index.json"
     if index.exists():
         files = sorted(set(_read_json(index)["weight_map"].values()))
@@ -249,9 +282,8 @@ def _iter_weights(ckpt: Path) -> Iterator[tuple[str, np.ndarray]]:
         )
         raise ArtifactError(msg)
     for name in files:
-        with safe_open(str(ckpt / name), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
-                yield key, f.get_tensor(key).float().numpy()
+        for key, array in read_safetensors(ckpt / name).items():
+            yield key, np.asarray(array, dtype=np.float32)
 
 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")

@@ -57,6 +57,7 @@ def test_public_names_are_pinned() -> None:
         "IngestReport",
         "KnowledgeStats",
         "KnowledgeStore",
+        "LlamaCppEmbeddings",
         "MetadataFilter",
         "SentenceTransformerEmbeddings",
         "SourceReport",
@@ -65,6 +66,7 @@ def test_public_names_are_pinned() -> None:
         "discover",
         "embeddings_name",
         "ingest_paths",
+        "load_embeddings",
         "load_source",
     ]
     from langchain_core.vectorstores import VectorStore
