@@ -25,6 +25,7 @@ from langchain_understudy.errors import ConfigError
 __all__ = [
     "FactSelection",
     "KnowledgeSettings",
+    "RolloutSettings",
     "RouterSettings",
     "ServerSettings",
     "StudentSettings",
@@ -33,6 +34,7 @@ __all__ = [
     "UnderstudyConfig",
     "cache_dir",
     "load_config",
+    "reference_table",
 ]
 
 QuantType = Literal["F32", "F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0"]
@@ -50,7 +52,9 @@ def cache_dir(kind: str) -> Path:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, use_attribute_docstrings=True
+    )
 
 
 class StudentSettings(_Section):
@@ -74,7 +78,8 @@ class StudentSettings(_Section):
     """What to do when a conversation exceeds the context: drop oldest turns or raise."""
     n_parallel: int = Field(default=4, ge=1, le=64)
     """Requests decoded together in one llama.cpp context (continuous batching); each slot holds
-    an ``n_ctx``-token KV range, and requests beyond ``n_parallel`` wait for a free slot."""
+    an ``n_ctx``-token KV range, and requests beyond ``n_parallel`` wait for a free slot. (The old
+    name ``n_instances`` is accepted with a warning.)"""
 
     @model_validator(mode="before")
     @classmethod
@@ -218,6 +223,46 @@ class RouterSettings(_Section):
     """How often the registry is checked for a newly promoted student."""
 
 
+class RolloutSettings(_Section):
+    """Shadow and canary candidates on live traffic, and the drift watch (registry students only).
+
+    Which version is the shadow or the canary is registry state (``understudy students shadow`` /
+    ``canary``); these settings say how the checks run and when a canary is decided.
+    """
+
+    log: Path | None = None
+    """JSONL file of live checks and rollout events; ``None``: ``live.jsonl`` in the registry."""
+    queue_size: int = Field(default=64, ge=1)
+    """Checks waiting for the background worker; more are dropped, never waited for."""
+    teacher_sample_rate: float = Field(default=0.1, ge=0.0, le=1.0)
+    """Share of the canary's turns also put to the teacher (in the background) to measure
+    agreement; these calls count against the teacher's budgets."""
+    min_agreement: float = Field(default=0.9, ge=0.0, le=1.0)
+    """Live agreement a candidate needs: with the teacher for a canary, with the served answers for
+    ``require_live_agreement``."""
+    min_checks: int = Field(default=50, ge=1)
+    """Teacher checks a canary needs before it can be promoted."""
+    min_requests: int = Field(default=200, ge=1)
+    """Canary turns before promotion; live checks ``require_live_agreement`` needs."""
+    max_error_rate: float = Field(default=0.02, ge=0.0, le=1.0)
+    """Largest share of failed canary turns."""
+    max_latency_p95_ms: float | None = Field(default=None, gt=0)
+    """Largest p95 latency of the canary's answers (``None``: not checked)."""
+    min_confidence: float | None = Field(default=None, ge=0.0, le=1.0)
+    """Smallest mean confidence of the canary's answers (``None``: not checked)."""
+    auto: bool = True
+    """Promote or roll back the canary automatically when its figures decide."""
+    require_live_agreement: bool = False
+    """`understudy students promote V` refuses a version whose shadow or canary agreement is below
+    ``min_agreement`` over fewer than ``min_requests`` checks (``--force`` overrides)."""
+    drift_window: int = Field(default=500, ge=10)
+    """Live values per signal the drift watch compares with the held-out ones."""
+    drift_min_samples: int = Field(default=100, ge=10)
+    """Live values needed before a signal's drift is judged."""
+    drift_alarm_psi: float = Field(default=0.25, gt=0)
+    """PSI at or above which a signal raises the drift alarm."""
+
+
 class TraceSettings(_Section):
     """Where teacher traces are recorded."""
 
@@ -260,6 +305,8 @@ class UnderstudyConfig(BaseSettings):
     """The teacher."""
     router: RouterSettings = Field(default_factory=RouterSettings)
     """The router."""
+    rollout: RolloutSettings = Field(default_factory=RolloutSettings)
+    """Shadow, canary and drift watch."""
     traces: TraceSettings = Field(default_factory=TraceSettings)
     """The trace store."""
     server: ServerSettings = Field(default_factory=ServerSettings)
@@ -279,6 +326,7 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
             "embedding_model",
             "audit_log",
             "policy",
+            "log",
         } and isinstance(value, str):
             p = Path(os.path.expanduser(value))
             out[key] = str(p if p.is_absolute() else base / p)
@@ -348,3 +396,21 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
         else:
             out[k] = v
     return out
+
+
+def reference_table() -> str:
+    """The README's configuration reference (a Markdown table), generated from these models.
+
+    Example:
+        >>> reference_table().splitlines()[0]
+        '| field | default | meaning |'
+    """
+    rows = ["| field | default | meaning |", "|---|---|---|"]
+    for section, field in UnderstudyConfig.model_fields.items():
+        model = field.annotation
+        assert isinstance(model, type) and issubclass(model, BaseModel)
+        for name, f in model.model_fields.items():
+            default = f.get_default(call_default_factory=True)
+            meaning = " ".join((f.description or "").split())
+            rows.append(f"| `{section}.{name}` | `{default}` | {meaning} |")
+    return "\n".join(rows)

@@ -18,7 +18,7 @@ from filelock import FileLock
 
 from langchain_understudy.errors import ArtifactError
 
-__all__ = ["StudentRegistry", "StudentVersion", "sha256_file"]
+__all__ = ["RolloutState", "StudentRegistry", "StudentVersion", "sha256_file"]
 
 _FORMAT = 1
 _MODEL_FILE = "student.gguf"
@@ -109,7 +109,46 @@ def _index_problem(data: dict[str, Any]) -> str | None:
         not isinstance(v, str) or v not in versions for v in history
     ):
         return "'history' must be a list of registered versions"
+    return _rollout_problem(data.get("rollout"), versions)
+
+
+def _rollout_problem(rollout: Any, versions: Mapping[str, Any]) -> str | None:
+    if rollout is None:
+        return None
+    if not isinstance(rollout, dict):
+        return "'rollout' must be an object"
+    shadow = rollout.get("shadow")
+    if shadow is not None and (not isinstance(shadow, str) or shadow not in versions):
+        return f"'rollout.shadow' must be null or a registered version, got {shadow!r}"
+    canary = rollout.get("canary")
+    if canary is not None:
+        if not isinstance(canary, dict) or canary.get("version") not in versions:
+            return "'rollout.canary' must be null or an object naming a registered version"
+        share = canary.get("share")
+        if isinstance(share, bool) or not isinstance(share, int | float) or not 0 < share <= 1:
+            return "'rollout.canary.share' must be a number in (0, 1]"
+        if not isinstance(canary.get("since", ""), str):
+            return "'rollout.canary.since' must be a string"
+    if not isinstance(rollout.get("ended", []), list):
+        return "'rollout.ended' must be a list"
     return None
+
+
+@dataclass(frozen=True)
+class RolloutState:
+    """Which registered candidates run beside the promoted student.
+
+    Attributes:
+        shadow: The version answering live traffic in the shadow (never served), or ``None``.
+        canary: The version serving a share of the conversations, or ``None``.
+        canary_share: That share, in (0, 1].
+        canary_since: When the canary started (ISO-8601); live checks before it do not count.
+    """
+
+    shadow: str | None = None
+    canary: str | None = None
+    canary_share: float = 0.0
+    canary_since: str = ""
 
 
 @dataclass(frozen=True)
@@ -334,8 +373,92 @@ class StudentRegistry:
                 if data["current"]:
                     data["history"].append(data["current"])
                 data["current"] = version
+                r = data.get("rollout") or {}
+                if r.get("shadow") == version:
+                    r["shadow"] = None  # a promoted student is no longer a candidate
+                canary = r.get("canary")
+                if canary and canary.get("version") == version:
+                    r["canary"] = None
+                    r.setdefault("ended", []).append(
+                        {**canary, "outcome": "promoted", "at": datetime.now(UTC).isoformat()}
+                    )
                 write_json_atomic(self._index, data)
         return v
+
+    def rollout(self) -> RolloutState:
+        """The shadow and canary candidates (cheap: artifacts are not checked)."""
+        r = self._read().get("rollout") or {}
+        canary = r.get("canary") or {}
+        return RolloutState(
+            shadow=r.get("shadow"),
+            canary=canary.get("version"),
+            canary_share=float(canary.get("share", 0.0)),
+            canary_since=str(canary.get("since", "")),
+        )
+
+    def set_shadow(self, version: str | None) -> RolloutState:
+        """Run ``version`` in the shadow of the promoted student (``None`` stops the shadow).
+
+        Raises:
+            ArtifactError: the version is unknown, fails its integrity check, or is the one served.
+        """
+        with self._lock:
+            data = self._read()
+            if version is not None:
+                self.verify(self._entry(data, version))
+                if version == data["current"]:
+                    msg = f"{version} is the promoted student; shadow a candidate instead"
+                    raise ArtifactError(msg)
+            data.setdefault("rollout", {})["shadow"] = version
+            write_json_atomic(self._index, data)
+        return self.rollout()
+
+    def start_canary(self, version: str, share: float) -> RolloutState:
+        """Serve ``version`` to ``share`` of the conversations, beside the promoted student.
+
+        Raises:
+            ArtifactError: the version is unknown, fails its integrity check, or is the one
+                served; or nothing is promoted to compare it with.
+            ValueError: ``share`` is not in (0, 1].
+        """
+        if not 0 < share <= 1:
+            msg = f"a canary share is in (0, 1], got {share}"
+            raise ValueError(msg)
+        with self._lock:
+            data = self._read()
+            self.verify(self._entry(data, version))
+            if not data["current"]:
+                msg = "nothing is promoted yet: promote a student before starting a canary"
+                raise ArtifactError(msg)
+            if version == data["current"]:
+                msg = f"{version} is already the promoted student"
+                raise ArtifactError(msg)
+            data.setdefault("rollout", {})["canary"] = {
+                "version": version,
+                "share": float(share),
+                "since": datetime.now(UTC).isoformat(),
+            }
+            write_json_atomic(self._index, data)
+        return self.rollout()
+
+    def end_canary(self, outcome: str, reason: str = "") -> str | None:
+        """Stop the canary (``outcome``: ``"rolled back"``, ``"stopped"``, ...); return its version.
+
+        The promoted student keeps serving; the outcome is kept under ``rollout.ended``. Ending
+        when no canary runs does nothing and returns ``None``.
+        """
+        with self._lock:
+            data = self._read()
+            r = data.setdefault("rollout", {})
+            canary = r.get("canary")
+            if not canary:
+                return None
+            r["canary"] = None
+            r.setdefault("ended", []).append(
+                {**canary, "outcome": outcome, "reason": reason, "at": datetime.now(UTC).isoformat()}
+            )
+            write_json_atomic(self._index, data)
+            return str(canary["version"])
 
     def rollback(self) -> StudentVersion:
         """Serve the previously promoted version again.

@@ -139,3 +139,13 @@ def test_tools_section_and_call_blocks_round_trip() -> None:
     assert "<|tool|>\nweather: sunny\n" in render_prompt([HumanMessage("q"), ai, tool_result])
     with pytest.raises(ValueError, match="JSON array"):
         split_answer('<|call|>{"name": "x"}')
+
+
+def test_the_readme_configuration_reference_is_generated_from_the_models() -> None:
+    from langchain_understudy.config import reference_table
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    assert reference_table() in readme, (
+        "README's configuration table is stale: replace it with the output of "
+        "`python -c 'from langchain_understudy.config import reference_table as r; print(r())'`"
+    )
