@@ -34,6 +34,7 @@ from langchain_understudy.students.answer_space import (
     infer_answer_space,
 )
 from langchain_understudy.students.exemplars import EXEMPLAR_FILES
+from langchain_understudy.students.registry import SIGNAL_REFERENCE_FILE
 
 __all__ = ["DistillConfig", "DistillJob", "JobLockedError", "JobResult", "RelabelSection"]
 
@@ -726,6 +727,7 @@ class DistillJob:
             candidate.summary(), serving_report.summary() if serving_report else None
         )
         ood = self._ood_index(run_dir, train)
+        reference = self._signal_reference(run_dir, held, candidate.rows, ood)
         metrics = {
             **candidate.summary(),
             "by_quant": {name: r.summary() for name, r in reports.items()},
@@ -790,6 +792,7 @@ class DistillJob:
                 ),
                 ANSWER_SPACE_FILE: run_dir / ANSWER_SPACE_FILE,
                 "ood_index.npy": ood,
+                SIGNAL_REFERENCE_FILE: reference,
                 "loss.png": run_dir / "loss.png",
                 "report.json": run_dir / "report.json",
                 "heldout_eval.jsonl": run_dir / "heldout_eval.jsonl",
@@ -868,6 +871,33 @@ class DistillJob:
             )
         vs = f" (serving: {serving['exact_match']:.3f})" if serving else " (nothing served yet)"
         return True, f"exact match {em:.3f}{vs}"
+
+    def _signal_reference(
+        self,
+        run_dir: Path,
+        held: Sequence[Example],
+        rows: Sequence[dict[str, Any]],
+        ood: Path,
+    ) -> Path:
+        """The held-out distribution of the routing signals the drift watch compares with.
+
+        ``ood_distance``: cosine distance from each held-out query to its nearest training
+        prompt (the index registered with the student); ``student_confidence``: the candidate's
+        confidence on each held-out answer.
+        """
+        import numpy as np
+
+        vecs = np.load(ood, allow_pickle=False)
+        held_vecs = self._embed_queries(held) if held else np.zeros((0, 1), np.float32)
+        distances: list[float] = []
+        if len(vecs) and len(held_vecs):
+            sims = np.asarray(held_vecs) @ np.asarray(vecs).T
+            distances = [float(1.0 - s) for s in sims.max(axis=1)]
+        confidence = [float(r["confidence"]) for r in rows if r.get("confidence") is not None]
+        out = run_dir / SIGNAL_REFERENCE_FILE
+        signals = {"ood_distance": distances, "student_confidence": confidence}
+        out.write_text(json.dumps({"format": 1, "signals": signals}), encoding="utf-8")
+        return out
 
     def _ood_index(self, run_dir: Path, train: Sequence[Example]) -> Path:
         import numpy as np

@@ -50,10 +50,115 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rollout_settings(args: argparse.Namespace) -> Any:
+    from langchain_understudy.config import load_config
+
+    return load_config(args.config).rollout
+
+
+def _live(args: argparse.Namespace, reg: Any) -> Any:
+    from langchain_understudy.router.rollout import LiveLog, summarize
+
+    log = _rollout_settings(args).log or reg.root / "live.jsonl"
+    return summarize(LiveLog(log).read())
+
+
 def _promote(args: argparse.Namespace) -> int:
-    v = _registry(args).promote(args.version)
+    reg = _registry(args)
+    rs = _rollout_settings(args)
+    if rs.require_live_agreement and not args.force:
+        s = _live(args, reg).get(args.version)
+        if s is None or s.judged < rs.min_requests or (s.agreement or 0.0) < rs.min_agreement:
+            got = "no live checks" if s is None else f"{s.agreed}/{s.judged} agreed"
+            print(
+                f"refused: {args.version} needs live agreement >= {rs.min_agreement} over >= "
+                f"{rs.min_requests} checks ({got}); run it as a shadow or canary first, or "
+                "pass --force"
+            )
+            return 2
+    v = reg.promote(args.version)
     print(f"promoted {v.version} ({v.path})")
     return 0
+
+
+def _shadow(args: argparse.Namespace) -> int:
+    if not args.stop and not args.version:
+        print("give the version to shadow, or --stop")
+        return 2
+    st = _registry(args).set_shadow(None if args.stop else args.version)
+    print(f"shadow: {st.shadow or 'none'}")
+    return 0
+
+
+def _canary(args: argparse.Namespace) -> int:
+    reg = _registry(args)
+    if args.stop:
+        v = reg.end_canary("stopped", "stopped by hand")
+        print(f"canary stopped: {v}" if v else "no canary was running")
+        return 0
+    if not args.version:
+        print("give the version to run as a canary, or --stop")
+        return 2
+    st = reg.start_canary(args.version, args.share)
+    print(f"canary: {st.canary} serves {st.canary_share:.0%} of the conversations")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    reg = _registry(args)
+    live = _live(args, reg)
+    rows = []
+    for s in live.values():
+        if args.version and s.candidate != args.version:
+            continue
+        d = s.to_dict()
+        lo, hi = d["agreement_ci95"]
+        rows.append(
+            [
+                s.kind,
+                s.candidate,
+                s.n,
+                "n/a" if s.agreement is None else f"{s.agreement:.3f}",
+                f"{lo:.3f}-{hi:.3f}",
+                f"{s.teacher_agreed}/{s.teacher_n}",
+                f"{s.error_rate:.3f}",
+                "n/a" if s.latency_p95_ms is None else f"{s.latency_p95_ms:.0f}",
+            ]
+        )
+    if args.json:
+        print(json.dumps([s.to_dict() for s in live.values()], indent=2))
+        return 0
+    st = reg.rollout()
+    print(f"serving {reg.current_version()}; shadow {st.shadow}; canary {st.canary}")
+    if not rows:
+        print("no live checks recorded yet")
+        return 0
+    head = ["kind", "candidate", "checks", "agreement", "95% CI", "teacher", "errors", "p95 ms"]
+    print(format_table(head, rows))
+    return 0
+
+
+def _drift(args: argparse.Namespace) -> int:
+    from langchain_understudy.config import load_config
+    from langchain_understudy.router.rollout import drift_from_audit
+
+    cfg = load_config(args.config)
+    audit = args.audit_log or cfg.router.audit_log
+    if audit is None:
+        print("no audit log: pass --audit-log or set [router] audit_log")
+        return 2
+    report = drift_from_audit(_registry(args), audit, cfg.rollout, args.version)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        rows = [
+            [name, r["n"], r["reference_n"], r["psi"], r["ks"]]
+            for name, r in report["signals"].items()
+        ]
+        print(format_table(["signal", "live", "held-out", "PSI", "KS"], rows))
+        state = "ALARM: " + ", ".join(report["alarm_signals"]) if report["alarm"] else "no alarm"
+        print(f"{report['version']}: {state} (PSI >= {report['alarm_psi']})")
+    return 3 if report["alarm"] else 0
 
 
 def _rollback(args: argparse.Namespace) -> int:
@@ -94,7 +199,34 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     show.set_defaults(func=_show)
     promote = s.add_parser("promote", parents=[common], help="serve a version from now on")
     promote.add_argument("version")
+    promote.add_argument("--force", action="store_true", help="skip the live-agreement gate")
     promote.set_defaults(func=_promote)
+    shadow = s.add_parser(
+        "shadow", parents=[common], help="run a candidate beside the served student, never served"
+    )
+    shadow.add_argument("version", nargs="?")
+    shadow.add_argument("--stop", action="store_true", help="stop the shadow")
+    shadow.set_defaults(func=_shadow)
+    canary = s.add_parser(
+        "canary", parents=[common], help="serve a candidate to a share of the conversations"
+    )
+    canary.add_argument("version", nargs="?")
+    canary.add_argument("--share", type=float, default=0.1, help="share in (0, 1] (default 0.1)")
+    canary.add_argument("--stop", action="store_true", help="end the canary, keep the served one")
+    canary.set_defaults(func=_canary)
+    compare = s.add_parser(
+        "compare", parents=[common], help="live agreement of shadow and canary candidates"
+    )
+    compare.add_argument("version", nargs="?")
+    compare.add_argument("--json", action="store_true")
+    compare.set_defaults(func=_compare)
+    drift = s.add_parser(
+        "drift", parents=[common], help="routing signals on live traffic vs held-out (PSI, KS)"
+    )
+    drift.add_argument("--version", help="default: the promoted one")
+    drift.add_argument("--audit-log", type=Path, help="default: [router] audit_log")
+    drift.add_argument("--json", action="store_true")
+    drift.set_defaults(func=_drift)
     rollback = s.add_parser(
         "rollback", parents=[common], help="serve the previously promoted version"
     )

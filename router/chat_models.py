@@ -46,7 +46,7 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.runnables import Runnable, RunnableConfig, ensure_config
 from pydantic import ConfigDict, Field, PrivateAttr, model_validator
 
-from langchain_understudy.config import FactSelection
+from langchain_understudy.config import FactSelection, RolloutSettings
 from langchain_understudy.errors import (
     ArtifactError,
     ConfigError,
@@ -71,6 +71,7 @@ from langchain_understudy.router.policy import (
     SignalReading,
     TeacherRateController,
 )
+from langchain_understudy.router.rollout import LiveRollout
 from langchain_understudy.router.signals import OODIndex, RoutingContext
 from langchain_understudy.router.teachers import PrivacyPolicy, ResilientTeacher, model_name_of
 
@@ -123,6 +124,8 @@ class _StudentSource:
         self._lock = threading.Lock()
         self._active: _Active | None = None
         self._checked = -math.inf
+        self._versions: dict[str, _Active] = {}
+        self._versions_lock = threading.Lock()
         self.is_registry = hasattr(student, "current_version") and hasattr(student, "current")
 
     def get(self) -> _Active:
@@ -161,9 +164,27 @@ class _StudentSource:
             raise ArtifactError(msg)
         if current is not None and current.version == version:
             return current
+        active = self.version(version)
+        if current is not None:
+            logger.info("student promoted: now serving %s (was %s)", version, current.version)
+        return active
+
+    def version(self, version: str) -> _Active:
+        """A registry version ready to serve (loaded once; the shadow and canary use this too)."""
+        with self._versions_lock:
+            if version in self._versions:
+                return self._versions[version]
+        active = self._load(version)
+        with self._versions_lock:
+            self._versions[version] = active
+            while len(self._versions) > 3:  # the served student, a shadow, a canary
+                self._versions.pop(next(iter(self._versions)))
+            return active
+
+    def _load(self, version: str) -> _Active:
         from langchain_understudy.students import ChatStudent
 
-        v = reg.get(version)
+        v = self._student.get(version)
         # a student distilled with exemplar memory retrieves past answers with our embeddings
         model = ChatStudent.from_version(v, embeddings=self._embeddings, **self._kwargs)
         if self._ood_arg is not None:
@@ -172,8 +193,6 @@ class _StudentSource:
             ood, why = OODIndex.load(v.artifact("ood_index.npy")), ""
         else:
             ood, why = None, f"student {v.version} was registered without ood_index.npy"
-        if current is not None:
-            logger.info("student promoted: now serving %s (was %s)", v.version, current.version)
         facts = v.provenance.get("facts")
         tools = v.provenance.get("tools")
         return _Active(
@@ -192,6 +211,7 @@ class _Request:
 
     active: _Active
     flow: RoutingFlow
+    canary: str | None = None  # the canary version serving this conversation
 
     @property
     def ctx(self) -> RoutingContext:
@@ -360,6 +380,9 @@ class ChatUnderstudy(BaseChatModel):
     rate_controller: TeacherRateController | None = None
     """Steers the threshold online so the teacher-call rate holds its target (``None``: the
     router's threshold stays as calibrated)."""
+    rollout: RolloutSettings = Field(default_factory=RolloutSettings)
+    """How shadow and canary candidates are checked and decided, and the drift watch (a registry
+    student only; which versions run is registry state: ``understudy students shadow/canary``)."""
 
     _source: _StudentSource = PrivateAttr()
     _guard: ResilientTeacher | None = PrivateAttr(default=None)
@@ -368,6 +391,7 @@ class ChatUnderstudy(BaseChatModel):
     _audit_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
     _embed_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
     _embedder: Any = PrivateAttr(default=None)
+    _rollout: LiveRollout | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _setup(self) -> ChatUnderstudy:
@@ -400,6 +424,13 @@ class ChatUnderstudy(BaseChatModel):
             raise ConfigError(msg)
         self._router = self.router if self.router is not None else Router()
         self._privacy = self.privacy if self.privacy is not None else PrivacyPolicy()
+        if is_registry:
+            self._rollout = LiveRollout(
+                self.student,
+                self.rollout,
+                check_every_s=self.reload_check_s,
+                on_event=self._audit,
+            )
         return self
 
     @classmethod
@@ -441,6 +472,7 @@ class ChatUnderstudy(BaseChatModel):
             "privacy": PrivacyPolicy.from_settings(r),
             "audit_log": r.audit_log,
             "min_relevance": config.knowledge.min_relevance,
+            "rollout": config.rollout,
         }
         target = getattr(r, "target_teacher_rate", None)
         if target is not None:
@@ -492,6 +524,11 @@ class ChatUnderstudy(BaseChatModel):
     def resilient_teacher(self) -> ResilientTeacher | None:
         """The guarded teacher, or ``None``."""
         return self._guard
+
+    @property
+    def live_rollout(self) -> LiveRollout | None:
+        """The shadow, canary and drift watch of a registry student (``None`` otherwise)."""
+        return self._rollout
 
     def current_student(self) -> BaseChatModel:
         """The student in service now (following registry promotions)."""
@@ -615,6 +652,13 @@ class ChatUnderstudy(BaseChatModel):
     ) -> _Request:
         t0 = time.perf_counter()
         active = self._source.get()
+        canary = self._rollout.cohort(messages, tags) if self._rollout is not None else None
+        if canary is not None:
+            try:
+                active = self._source.version(canary)
+            except ArtifactError as e:  # a broken candidate must not take requests down
+                logger.error("canary %s cannot serve: %s", canary, e)
+                canary = None
         last_user = ""
         for m in reversed(messages):
             if m.type == "human":
@@ -663,7 +707,7 @@ class ChatUnderstudy(BaseChatModel):
             retrieval_ms=retrieval_ms,
             started=t0,
         )
-        return _Request(active, RoutingFlow(request))
+        return _Request(active, RoutingFlow(request), canary)
 
     def _start(
         self, messages: list[BaseMessage], run_manager: Any, kwargs: dict[str, Any], stream: bool
@@ -747,26 +791,60 @@ class ChatUnderstudy(BaseChatModel):
         return self.bind(tools=formatted, tool_choice=choice, **kwargs)
 
     # -- the end of every request -------------------------------------------------------------------
-    def _complete(self, done: Done) -> AIMessage:
-        """Append the audit line, feed the rate controller, and return the answer."""
+    def _complete(
+        self, req: _Request, done: Done, stop: list[str] | None, kw: dict[str, Any]
+    ) -> AIMessage:
+        """Append the audit line, feed the rate controller and the rollout, return the answer."""
         if self.rate_controller is not None:
             self.rate_controller.observe(done.score, done.asked_teacher)
-        if self.audit_log is not None:
-            line = json.dumps(done.audit, ensure_ascii=False, default=str, sort_keys=True) + "\n"
-            path = Path(self.audit_log)
-            try:
-                with self._audit_lock:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    with open(path, "a", encoding="utf-8") as f:
-                        f.write(line)
-            except OSError as e:
-                # The answer matters more than the log line; say so loudly and go on.
-                logger.error("cannot append to the audit log %s: %s", path, e)
+        self._audit(done.audit)
+        if self._rollout is not None:
+            messages, facts = req.flow.request.messages, req.flow.request.facts
+
+            def run_candidate(version: str) -> AIMessage:
+                model = self._source.version(version).model
+                return _as_ai(model.invoke(messages, **self._student_kwargs(stop, kw, facts)))
+
+            guard = self._guard
+            ask = (
+                None
+                if guard is None or req.flow.request.forbidden is not None
+                else lambda: _as_ai(guard.invoke(messages, **self._teacher_kwargs(stop, kw)))
+            )
+            self._rollout.after(
+                served_version=req.active.version,
+                canary=req.canary,
+                meta=done.meta,
+                answer=done.message,
+                run_candidate=run_candidate,
+                ask_teacher=ask,
+            )
         return done.message
 
-    def _final_chunk(self, done: Done, pieces: list[AIMessageChunk]) -> AIMessageChunk:
+    def _audit(self, record: dict[str, Any]) -> None:
+        if self.audit_log is None:
+            return
+        line = json.dumps(record, ensure_ascii=False, default=str, sort_keys=True) + "\n"
+        path = Path(self.audit_log)
+        try:
+            with self._audit_lock:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with open(path, "a", encoding="utf-8") as f:
+                    f.write(line)
+        except OSError as e:
+            # The answer matters more than the log line; say so loudly and go on.
+            logger.error("cannot append to the audit log %s: %s", path, e)
+
+    def _final_chunk(
+        self,
+        req: _Request,
+        done: Done,
+        pieces: list[AIMessageChunk],
+        stop: list[str] | None,
+        kw: dict[str, Any],
+    ) -> AIMessageChunk:
         """The chunk that ends a stream: the whole answer, or the last live piece and metadata."""
-        message = self._complete(done)
+        message = self._complete(req, done, stop, kw)
         if not done.streamed:
             return _chunk_of(message)
         last = pieces[-1] if pieces and pieces[-1].chunk_position == "last" else None
@@ -839,7 +917,9 @@ class ChatUnderstudy(BaseChatModel):
         step = next(steps)
         while not isinstance(step, Done):
             step = steps.send(self._do(req, step, stop, kwargs))
-        return ChatResult(generations=[ChatGeneration(message=self._complete(step))])
+        return ChatResult(
+            generations=[ChatGeneration(message=self._complete(req, step, stop, kwargs))]
+        )
 
     async def _agenerate(
         self,
@@ -853,7 +933,9 @@ class ChatUnderstudy(BaseChatModel):
         step = next(steps)
         while not isinstance(step, Done):
             step = steps.send(await self._ado(req, step, stop, kwargs))
-        return ChatResult(generations=[ChatGeneration(message=self._complete(step))])
+        return ChatResult(
+            generations=[ChatGeneration(message=self._complete(req, step, stop, kwargs))]
+        )
 
     def _stream(
         self,
@@ -881,7 +963,7 @@ class ChatUnderstudy(BaseChatModel):
                     raise
                 result = e
             step = steps.send(result)
-        yield self._emit(self._final_chunk(step, pieces), run_manager)
+        yield self._emit(self._final_chunk(req, step, pieces, stop, kwargs), run_manager)
 
     async def _astream(
         self,
@@ -909,7 +991,7 @@ class ChatUnderstudy(BaseChatModel):
                     raise
                 result = e
             step = steps.send(result)
-        yield await self._aemit(self._final_chunk(step, pieces), run_manager)
+        yield await self._aemit(self._final_chunk(req, step, pieces, stop, kwargs), run_manager)
 
     @staticmethod
     def _emit(

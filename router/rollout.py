@@ -46,6 +46,7 @@ from langchain_core.messages import AIMessage, BaseMessage
 from langchain_understudy.errors import ConfigError
 from langchain_understudy.prompting import message_text
 from langchain_understudy.router.evaluation import normalize_answer
+from langchain_understudy.students.registry import SIGNAL_REFERENCE_FILE
 
 __all__ = [
     "DRIFT_SIGNALS",
@@ -508,8 +509,6 @@ class DriftMonitor:
 
 
 # -- the orchestrator ChatUnderstudy drives -------------------------------------------------------------
-SIGNAL_REFERENCE_FILE = "signal_reference.json"
-"""The artifact a distillation job registers with the held-out distribution of each signal."""
 
 
 class LiveRollout:
@@ -578,7 +577,7 @@ class LiveRollout:
 
     def _restore(self, state: Any) -> None:
         """Reload the figures of a new shadow or canary from the live log (a restart keeps them)."""
-        wanted = {}
+        wanted: dict[str, str | None] = {}
         if state.shadow:
             wanted[f"shadow:{state.shadow}"] = None
         if state.canary:

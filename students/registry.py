@@ -18,10 +18,18 @@ from filelock import FileLock
 
 from langchain_understudy.errors import ArtifactError
 
-__all__ = ["RolloutState", "StudentRegistry", "StudentVersion", "sha256_file"]
+__all__ = [
+    "SIGNAL_REFERENCE_FILE",
+    "RolloutState",
+    "StudentRegistry",
+    "StudentVersion",
+    "sha256_file",
+]
 
 _FORMAT = 1
 _MODEL_FILE = "student.gguf"
+SIGNAL_REFERENCE_FILE = "signal_reference.json"
+"""Artifact with the routing signals measured on the student's held-out traces (drift watch)."""
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
@@ -455,7 +463,12 @@ class StudentRegistry:
                 return None
             r["canary"] = None
             r.setdefault("ended", []).append(
-                {**canary, "outcome": outcome, "reason": reason, "at": datetime.now(UTC).isoformat()}
+                {
+                    **canary,
+                    "outcome": outcome,
+                    "reason": reason,
+                    "at": datetime.now(UTC).isoformat(),
+                }
             )
             write_json_atomic(self._index, data)
             return str(canary["version"])
