@@ -3,7 +3,8 @@ r"""``understudy serve``: an OpenAI-compatible HTTP API over the routed understu
 Endpoints: ``POST /v1/chat/completions`` (with and without ``stream``), ``GET /v1/models``,
 ``GET /healthz`` and ``GET /metrics`` (Prometheus text format rendered by ``prometheus-client``:
 request counts, a latency histogram, who answered, the teacher-call rate and the student's
-decoding engine: slots, sequences decoding and waiting, steps and tokens). Any OpenAI client
+decoding engine: slots, sequences decoding and waiting, steps and tokens; for a registry student,
+shadow and canary checks, rollout events and drift). Any OpenAI client
 can point its ``base_url`` at ``http://127.0.0.1:8321/v1``.
 
 Tool calling and structured output are served as OpenAI defines them: ``tools``, ``tool_choice``
@@ -155,10 +156,13 @@ class ServerMetrics(Collector):
         self,
         buckets: tuple[float, ...] = LATENCY_BUCKETS,
         engine: Callable[[], Any] | None = None,
+        rollout: Callable[[], Any] | None = None,
     ) -> None:
         self.buckets = tuple(sorted(buckets))
         self.engine = engine
         """Returns the serving student's ``EngineStats`` (``None``: no engine yet)."""
+        self.rollout = rollout
+        """Returns ``LiveRollout.metrics()`` (``None``: not a registry student)."""
         self._lock = threading.Lock()
         self.requests: Counter[tuple[str, int]] = Counter()
         self.bucket_counts = [0] * len(self.buckets)
@@ -262,6 +266,67 @@ class ServerMetrics(Collector):
             time.time() - self.started,
         )
         yield from self._engine_metrics()
+        yield from self._rollout_metrics()
+
+    def _rollout_metrics(self) -> Iterator[Metric]:
+        """Shadow and canary checks, rollout events and drift, for a registry student."""
+        figures = self.rollout() if self.rollout is not None else None
+        if figures is None:
+            return
+        checks = CounterMetricFamily(
+            "understudy_rollout_checks",
+            "Live checks of shadow and canary candidates.",
+            labels=["kind", "candidate"],
+        )
+        agree = GaugeMetricFamily(
+            "understudy_rollout_agreement",
+            "Live agreement of a candidate (shadow: with the served answer; canary: with the "
+            "teacher).",
+            labels=["kind", "candidate"],
+        )
+        for c in figures["candidates"]:
+            checks.add_metric([c["kind"], c["candidate"]], c["n"])
+            if c["agreement"] is not None:
+                agree.add_metric([c["kind"], c["candidate"]], c["agreement"])
+        yield checks
+        yield agree
+        yield CounterMetricFamily(
+            "understudy_rollout_checks_dropped",
+            "Checks dropped because the background queue was full.",
+            value=figures["dropped"],
+        )
+        events = CounterMetricFamily(
+            "understudy_rollout_events",
+            "Canary promotions and rollbacks.",
+            labels=["event"],
+        )
+        for event in sorted({"canary promoted", "canary rolled back", *figures["events"]}):
+            events.add_metric([event], figures["events"].get(event, 0))
+        yield events
+        drift_psi = GaugeMetricFamily(
+            "understudy_drift_psi",
+            "PSI of a routing signal on live traffic against the student's held-out traces.",
+            labels=["version", "signal"],
+        )
+        drift_ks = GaugeMetricFamily(
+            "understudy_drift_ks",
+            "Two-sample KS statistic of a routing signal, live against held-out.",
+            labels=["version", "signal"],
+        )
+        alarm = GaugeMetricFamily(
+            "understudy_drift_alarm",
+            "1 when a routing signal's PSI is at or above the alarm threshold.",
+            labels=["version"],
+        )
+        for version, report in figures["drift"].items():
+            for name, row in report["signals"].items():
+                if row["psi"] is not None:
+                    drift_psi.add_metric([version, name], row["psi"])
+                    drift_ks.add_metric([version, name], row["ks"])
+            alarm.add_metric([version], 1.0 if report["alarm"] else 0.0)
+        yield drift_psi
+        yield drift_ks
+        yield alarm
 
     def _engine_metrics(self) -> Iterator[Metric]:
         """The student engine's gauges and counters, once it has loaded its model."""
@@ -954,6 +1019,12 @@ def _engine_of(llm: Any) -> Any:
     return getattr(model, "engine_stats", None)
 
 
+def _rollout_of(llm: Any) -> dict[str, Any] | None:
+    """``LiveRollout.metrics()`` of a registry-backed ``ChatUnderstudy``, else ``None``."""
+    rollout = getattr(llm, "live_rollout", None)
+    return rollout.metrics() if rollout is not None and hasattr(rollout, "metrics") else None
+
+
 def create_app(
     llm: Any,
     *,
@@ -984,7 +1055,7 @@ def create_app(
     # An explicit "" switches authentication off (tests); None reads the environment.
     key = (api_key if api_key is not None else os.environ.get(s.api_key_env)) or None
     name = model_name or str(getattr(llm, "model_name", None) or "understudy")
-    metrics = ServerMetrics(engine=lambda: _engine_of(llm))
+    metrics = ServerMetrics(engine=lambda: _engine_of(llm), rollout=lambda: _rollout_of(llm))
     gate = asyncio.Semaphore(max_concurrency)
     created = int(time.time())
 

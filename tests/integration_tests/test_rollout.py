@@ -107,6 +107,14 @@ def test_shadow_records_agreement_off_the_request_path(
     live = summarize(LiveLog(reg.root / "live.jsonl").read()).get(twin, "shadow")
     assert live is not None and live.n == 12
     assert live.agreement == 1.0  # the same weights agree with every served answer
+
+    from fastapi.testclient import TestClient
+
+    from langchain_understudy.plugin.server import create_app
+
+    text = TestClient(create_app(llm, api_key="")).get("/metrics").text
+    assert f'understudy_rollout_checks_total{{candidate="{twin}",kind="shadow"}} 12.0' in text
+    assert f'understudy_rollout_agreement{{candidate="{twin}",kind="shadow"}} 1.0' in text
     reg.set_shadow(None)
     reg.set_shadow(reg.register(tiny_gguf, {}, {}))
     for q in _questions(12, 30_000):
