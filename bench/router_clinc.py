@@ -235,6 +235,70 @@ def serve_with_controller(
     }
 
 
+def drift_watch(
+    router: Any, examples: list[Any], reference: Path, *, seed: int, check_every: int = 10
+) -> dict[str, Any]:
+    """Feed the drift watch the test mix in-scope first, then switched to out-of-scope queries.
+
+    The watch (``DriftMonitor`` with the ``[rollout]`` defaults) reads what a served request
+    records: every request's pre-generation signals, and the student's confidence only where the
+    calibrated router let the student answer. Reports the first alarm on in-scope traffic (none
+    is wanted) and how many out-of-scope requests after the switch raised it.
+    """
+    from langchain_understudy.config import RolloutSettings
+    from langchain_understudy.router.rollout import DriftMonitor
+
+    cfg = RolloutSettings()
+    monitor = DriftMonitor.load(
+        reference,
+        window=cfg.drift_window,
+        min_samples=cfg.drift_min_samples,
+        alarm_psi=cfg.drift_alarm_psi,
+    )
+    rng = random.Random(seed)
+    inside = [e for e in examples if not e.out_of_scope]
+    outside = [e for e in examples if e.out_of_scope]
+    rng.shuffle(inside)
+    rng.shuffle(outside)
+    peak: dict[str, float] = {}
+    first_alarm_in_scope = None
+    after_switch = None
+    for n, e in enumerate([*inside, *outside], 1):
+        pre_up = router.example_score(e, "pre") >= router.threshold
+        monitor.observe(
+            {k: v for k, v in e.signals.items() if not (pre_up and k == "student_confidence")}
+        )
+        if n % check_every and n != len(inside):
+            continue
+        rep = monitor.report()
+        for name, row in rep["signals"].items():
+            if row["psi"] is not None and n <= len(inside):
+                peak[name] = max(peak.get(name, 0.0), row["psi"])
+        if rep["alarm"] and n <= len(inside) and first_alarm_in_scope is None:
+            first_alarm_in_scope = n
+        if rep["alarm"] and n > len(inside):
+            after_switch = n - len(inside)
+            alarm_report = rep
+            break
+    else:
+        alarm_report = monitor.report()
+    return {
+        "reference": str(reference),
+        "settings": {
+            "window": cfg.drift_window,
+            "min_samples": cfg.drift_min_samples,
+            "alarm_psi": cfg.drift_alarm_psi,
+            "checked_every": check_every,
+        },
+        "n_in_scope": len(inside),
+        "n_out_of_scope": len(outside),
+        "in_scope_alarm_at": first_alarm_in_scope,
+        "in_scope_peak_psi": peak,
+        "out_of_scope_requests_to_alarm": after_switch,
+        "alarm": alarm_report,
+    }
+
+
 def _pct(v: Any) -> str:
     return "n/a" if v is None else f"{100 * float(v):.1f}%"
 
@@ -325,6 +389,11 @@ def main(argv: list[str] | None = None) -> int:
                 gain=args.controller_gain,
                 seed=args.seed,
             )
+            drift = (
+                drift_watch(router, test, Path(about["signal_reference"]), seed=args.seed)
+                if variant == "single" and policy == "calibrated" and about.get("signal_reference")
+                else None
+            )
             goals = {
                 "accuracy>=0.985": (at["quality"] or 0) >= 0.985,
                 "teacher_calls<=0.20": (at["teacher_rate"] or 1) <= 0.20,
@@ -337,11 +406,23 @@ def main(argv: list[str] | None = None) -> int:
                 < 5.0,
                 "controller_teacher_rate_within_2pts": ctrl["teacher_rate"] is not None
                 and abs(ctrl["teacher_rate"] - target) <= 0.02,
+                **(
+                    {
+                        "drift_no_alarm_in_scope": drift["in_scope_alarm_at"] is None,
+                        "drift_alarm_within_500_oos": (
+                            drift["out_of_scope_requests_to_alarm"] or 10**9
+                        )
+                        <= 500,
+                    }
+                    if drift is not None
+                    else {}
+                ),
             }
             per_policy[policy] = {
                 **rep.to_dict(),
                 "policy": router.to_dict(),
                 "controller": ctrl,
+                **({"drift": drift} if drift is not None else {}),
                 "dependent_turns": {
                     "n": len(dep),
                     "escalated": float(esc[dep].mean()) if dep else None,
@@ -443,6 +524,14 @@ def main(argv: list[str] | None = None) -> int:
             ctrl_rows,
         )
     )
+    drift = results.get("single", {}).get("policies", {}).get("calibrated", {}).get("drift")
+    if drift:
+        print(
+            f"drift watch: in-scope alarm at {drift['in_scope_alarm_at']} of "
+            f"{drift['n_in_scope']} requests (peak PSI {drift['in_scope_peak_psi']}); "
+            f"after the switch to out-of-scope: alarm within "
+            f"{drift['out_of_scope_requests_to_alarm']} requests"
+        )
     print(f"wrote {path}")
     return 0
 
@@ -464,6 +553,7 @@ def collect_variants(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str
     }
     ood: Any = args.ood_index
     trained_facts: dict[str, Any] = {}
+    reference = None
     if args.gguf:
         student = ChatStudent(model_path=args.gguf, **opts)
         student_label = str(args.gguf)
@@ -472,8 +562,14 @@ def collect_variants(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str
         v = reg.get(args.version) if args.version else reg.current()
         if v is None:
             raise SystemExit(f"no student is promoted in {args.registry}; pass --version or --gguf")
-        student = ChatStudent(model_path=v.path, student_version=v.version, **opts)
+        from langchain_understudy.retrieval.embeddings import default_embeddings
+        from langchain_understudy.students.registry import SIGNAL_REFERENCE_FILE
+
+        # the version as registered: its exemplar memory and answer space come with it
+        student = ChatStudent.from_version(v, embeddings=default_embeddings, **opts)
         student_label = f"{args.registry} {v.version}"
+        if SIGNAL_REFERENCE_FILE in v.files:
+            reference = str(v.artifact(SIGNAL_REFERENCE_FILE))
         trained_facts = dict(v.provenance.get("facts") or {})
         if ood is None and "ood_index.npy" in v.files:
             ood = v.artifact("ood_index.npy")
@@ -527,6 +623,7 @@ def collect_variants(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str
         "student": student_label,
         "knowledge": str(args.knowledge) if args.knowledge else None,
         "ood_index": ood_source,
+        "signal_reference": reference,
         "limit": args.limit,
         "seed": args.seed,
     }

@@ -8,7 +8,7 @@ import os
 import shutil
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -555,8 +555,12 @@ class DistillJob:
             lora=LoraSettings(**s.lora.model_dump()) if s.lora is not None else None,
         )
 
-    def run(self, *, resume: bool = False) -> JobResult:
+    def run(self, *, resume: bool = False, trigger: Mapping[str, Any] | None = None) -> JobResult:
         """Run the job once (or continue the last interrupted run with ``resume=True``).
+
+        ``trigger`` says why this run happened (for example the drift report that raised the
+        alarm, from ``understudy distill schedule --when-drift``); it is recorded in the new
+        student's provenance as ``trigger``.
 
         Raises:
             JobLockedError: another run of this job is in progress.
@@ -568,7 +572,7 @@ class DistillJob:
         require("train", "distillation")
         self.ranks = ranks_from_env()
         if not self.ranks.main:  # rank 0 holds the lock for the whole launch
-            return self._run_locked(resume)
+            return self._run_locked(resume, trigger)
         lock = self._lock()
         try:
             lock.acquire()
@@ -579,7 +583,7 @@ class DistillJob:
             )
             raise JobLockedError(msg) from e
         try:
-            return self._run_locked(resume)
+            return self._run_locked(resume, trigger)
         finally:
             lock.release()
 
@@ -614,7 +618,7 @@ class DistillJob:
         logger.info("relabelling: %s", report.summary())
         return report.summary()
 
-    def _run_locked(self, resume: bool) -> JobResult:
+    def _run_locked(self, resume: bool, trigger: Mapping[str, Any] | None) -> JobResult:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         ranks = self.ranks
@@ -771,6 +775,7 @@ class DistillJob:
             "base": self.config.student.base,
             # the tools the student learnt to call (the router's tools_unseen signal reads it)
             "tools": sorted({t["name"] for ex in train for t in ex.tools or ()}),
+            "trigger": dict(trigger) if trigger is not None else None,
         }
         report = {
             "metrics": metrics,
@@ -883,7 +888,9 @@ class DistillJob:
 
         ``ood_distance``: cosine distance from each held-out query to its nearest training
         prompt (the index registered with the student); ``student_confidence``: the candidate's
-        confidence on each held-out answer.
+        confidence on each held-out answer; ``retrieval_similarity`` (with a ``[knowledge]``
+        store): the relevance of the best fact the store finds for each held-out query, asked
+        the way a served request asks it.
         """
         import numpy as np
 
@@ -896,8 +903,24 @@ class DistillJob:
         confidence = [float(r["confidence"]) for r in rows if r.get("confidence") is not None]
         out = run_dir / SIGNAL_REFERENCE_FILE
         signals = {"ood_distance": distances, "student_confidence": confidence}
+        if self.config.knowledge.path is not None and held:
+            signals["retrieval_similarity"] = self._retrieval_similarity(held)
         out.write_text(json.dumps({"format": 1, "signals": signals}), encoding="utf-8")
         return out
+
+    def _retrieval_similarity(self, held: Sequence[Example]) -> list[float]:
+        from langchain_understudy.retrieval import KnowledgeStore
+
+        path = self.config.knowledge.path
+        assert path is not None  # called only with a [knowledge] store
+        store = KnowledgeStore(path, self.embeddings, create=False)
+        return [
+            max(
+                (float(s) for _, s in store.similarity_search_with_relevance_scores(q, k=1)),
+                default=0.0,
+            )
+            for q in (last_user_text(ex.messages) for ex in held)
+        ]
 
     def _ood_index(self, run_dir: Path, train: Sequence[Example]) -> Path:
         import numpy as np

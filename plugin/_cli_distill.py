@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +141,34 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _drift_trigger(args: argparse.Namespace, registry: Path) -> tuple[dict[str, Any] | None, str]:
+    """For ``--when-drift``: (the trigger to record, or None to skip this slot; why)."""
+    from langchain_understudy.config import load_config
+    from langchain_understudy.errors import ConfigError
+    from langchain_understudy.router.rollout import drift_from_audit
+    from langchain_understudy.students import StudentRegistry
+
+    reg = StudentRegistry(registry)
+    if reg.current_version() is None:
+        return {"kind": "first build"}, "no student serves yet"
+    default = Path("understudy.toml")
+    cfg = load_config(args.serve_config or (default if default.is_file() else None))
+    audit = args.audit_log or cfg.router.audit_log
+    if audit is None:
+        return None, "no audit log: pass --audit-log or set [router] audit_log"
+    try:
+        report = drift_from_audit(reg, audit, cfg.rollout)
+    except ConfigError as e:
+        return None, f"drift unknown ({e})"
+    judged = [r["psi"] for r in report["signals"].values() if r["psi"] is not None]
+    if not report["alarm"]:
+        worst = f"max PSI {max(judged):.3f}" if judged else "too few live requests to judge"
+        return None, f"no drift on {report['version']} ({worst} < {report['alarm_psi']})"
+    at = datetime.now(UTC).isoformat(timespec="seconds")
+    why = f"drift on {report['version']}: " + ", ".join(report["alarm_signals"])
+    return {"kind": "drift", "at": at, "audit_log": str(audit), **report}, why
+
+
 def _schedule(args: argparse.Namespace) -> int:
     from langchain_understudy.distill_jobs.job import DistillJob, JobLockedError
     from langchain_understudy.distill_jobs.schedule import parse_every, run_schedule
@@ -151,8 +180,13 @@ def _schedule(args: argparse.Namespace) -> int:
     assert isinstance(job, DistillJob)
 
     def once() -> str:
+        trigger = None
+        if args.when_drift:
+            trigger, why = _drift_trigger(args, job.config.registry)
+            if trigger is None:
+                return f"skipped: {why}"
         try:
-            r = job.run()
+            r = job.run(trigger=trigger)
         except JobLockedError as e:
             return f"skipped: {e}"
         return f"{r.status} {r.version or ''} ({r.reason})".strip()
@@ -231,6 +265,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     sched.add_argument("--cron", help="cron expression such as '0 3 * * *' (UTC)")
     sched.add_argument("--max-runs", type=int, default=None, help="stop after N runs")
     sched.add_argument("--quiet", action="store_true", help="no progress bars")
+    sched.add_argument(
+        "--when-drift",
+        action="store_true",
+        help="run only when the serving student's drift watch raises the alarm (PSI over the "
+        "audit log's latest requests, as `understudy students drift`); the drift report is "
+        "recorded in the new student's provenance",
+    )
+    sched.add_argument(
+        "--serve-config",
+        type=Path,
+        default=None,
+        help="understudy.toml whose [rollout] drift settings and [router] audit_log apply "
+        "(default: ./understudy.toml when present)",
+    )
+    sched.add_argument("--audit-log", type=Path, help="the serving audit log (JSONL)")
     sched.set_defaults(func=_schedule)
 
     ev = sub.add_parser("eval", help="evaluate a registered student on traces (JSONL)")

@@ -649,7 +649,7 @@ class LiveRollout:
             ask_teacher: Asks the teacher the request, or ``None`` without a teacher.
         """
         monitor = self.drift(served_version)
-        if monitor is not None and meta.get("answered_by") == "student":
+        if monitor is not None:  # escalated requests too: they are the traffic that drifts
             monitor.observe(meta.get("signals") or {})
         st = self.state()
         base = {
@@ -801,9 +801,9 @@ def drift_from_audit(
 ) -> dict[str, Any]:
     """The drift report of ``version`` (default: the promoted one) over its latest audit lines.
 
-    Reads the ``signals`` of the last ``settings.drift_window`` student-answered requests the
-    audit log holds for that version, so a command line and a scheduled job see what a server's
-    drift watch sees.
+    Reads the ``signals`` of the last ``settings.drift_window`` requests the audit log holds for
+    that version, escalated ones included (they are the traffic that drifts away from it), so a
+    command line and a scheduled job see what a server's drift watch sees.
 
     Raises:
         ConfigError: no version is promoted, the version has no ``signal_reference.json``, or
@@ -840,7 +840,6 @@ def drift_from_audit(
         if (
             isinstance(rec, dict)
             and rec.get("student_version") == version
-            and rec.get("answered_by") == "student"
             and isinstance(rec.get("signals"), dict)
         ):
             kept.append(rec["signals"])

@@ -4,6 +4,7 @@ and the demo end to end in its quick mode."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -128,6 +129,11 @@ def test_quick_demo_end_to_end(tmp_path: Path) -> None:
         assert by_q[q].answered_by == "teacher" and by_q[q].correct
     assert result.before is not None and result.after is not None
     assert result.after.meta["student_version"] == "v1"  # no retraining
+    # the drift watch's held-out reference carries the knowledge store's relevance too
+    v1 = StudentRegistry(tmp_path / "demo" / "students").get("v1")
+    ref = json.loads(v1.artifact("signal_reference.json").read_text())["signals"]
+    assert len(ref["retrieval_similarity"]) == v1.provenance["n_heldout"] > 0
+    assert all(0.0 <= x <= 1.0 for x in ref["retrieval_similarity"])
     report = result.report
     assert report is not None and report.is_file()
     html = report.read_text()
