@@ -130,7 +130,8 @@ def _rollout_problem(rollout: Any, versions: Mapping[str, Any]) -> str | None:
         return f"'rollout.shadow' must be null or a registered version, got {shadow!r}"
     canary = rollout.get("canary")
     if canary is not None:
-        if not isinstance(canary, dict) or canary.get("version") not in versions:
+        named = canary.get("version") if isinstance(canary, dict) else None
+        if not isinstance(named, str) or named not in versions:
             return "'rollout.canary' must be null or an object naming a registered version"
         share = canary.get("share")
         if isinstance(share, bool) or not isinstance(share, int | float) or not 0 < share <= 1:

@@ -52,6 +52,8 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
     reg.register(_gguf(src / "c.gguf", b"c"))
     reg.promote("v1")
     reg.promote("v2")
+    reg.set_shadow("v3")  # the index's rollout state is fuzzed with the rest
+    reg.start_canary("v1", share=0.25)
     return root
 
 
@@ -105,6 +107,10 @@ operations = st.lists(
             "promote",
             "rollback",
             "register",
+            "rollout",
+            "shadow",
+            "canary",
+            "end-canary",
         ]
     ),  # fmt: skip
     min_size=1,
@@ -150,6 +156,16 @@ def _run(reg: StudentRegistry, op: str, version: str, new_gguf: Path) -> None:
         before = reg.current_version()
         after = reg.rollback().version
         assert reg.current_version() == after and (after != before or after is not None)
+    elif op == "rollout":
+        r = reg.rollout()
+        assert r.canary is None or 0 < r.canary_share <= 1
+    elif op == "shadow":
+        assert reg.set_shadow(version).shadow == version != reg.current_version()
+    elif op == "canary":
+        assert reg.start_canary(version, share=0.5).canary == version != reg.current_version()
+    elif op == "end-canary":
+        reg.end_canary("stopped", "fuzz")
+        assert reg.rollout().canary is None
     else:
         added = reg.register(new_gguf, {"teacher": "t"})
         assert reg.get(added).path.read_bytes() == new_gguf.read_bytes()
@@ -297,6 +313,7 @@ def test_found_register_after_an_index_lost_a_version_keeps_its_folder(
     index = root / "registry.json"
     data = json.loads(index.read_text())
     del data["versions"]["v3"]
+    data["rollout"]["shadow"] = None  # else the index is damaged: its shadow is gone too
     index.write_text(json.dumps(data))
     kept = (root / "versions" / "v3" / "student.gguf").read_bytes()
     added = StudentRegistry(root).register(_gguf(tmp_path / "n.gguf", b"n"))
@@ -312,3 +329,18 @@ def test_found_artifact_replaced_by_a_folder_is_an_artifact_error(
     _damage(root, "v2", "student.gguf", "folder")
     with pytest.raises(ArtifactError, match="missing"):
         StudentRegistry(root).current()
+
+
+@pytest.mark.parametrize("version", [[], {}, 1, None])
+def test_found_canary_naming_a_non_string_is_a_damaged_index(
+    pristine: Path, tmp_path: Path, version: Any
+) -> None:
+    # found by bench/fuzz.py: a list as rollout.canary.version was a TypeError (unhashable)
+    root = tmp_path / "students"
+    shutil.copytree(pristine, root)
+    index = root / "registry.json"
+    data = json.loads(index.read_text())
+    data["rollout"]["canary"]["version"] = version
+    index.write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match="rollout.canary"):
+        StudentRegistry(root).list()
