@@ -102,6 +102,17 @@ def machine() -> dict[str, Any]:
     }
 
 
+def stop_process(proc: Any, timeout_s: float = 20) -> None:
+    """Terminate a server subprocess; kill it if it has not exited after ``timeout_s``."""
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def save(name: str, result: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"{name}.json"

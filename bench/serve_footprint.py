@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from _common import machine, save, table
+from _common import machine, save, stop_process, table
 
 ARMS = ("sentence-transformers", "llama.cpp")
 FACTS = [
@@ -125,11 +125,7 @@ def _one(arm: str, config: Path, requests: int) -> dict[str, Any]:
         mem = _status_kb(proc.pid)
         torch_mapped = "libtorch" in Path(f"/proc/{proc.pid}/maps").read_text()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
     return {
         "healthz_s": round(healthz, 2),
         "first_answer_s": round(first or 0.0, 2),

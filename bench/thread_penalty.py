@@ -6,7 +6,10 @@ llama.cpp built with OpenMP (libgomp) keeps one spinning thread team per calling
 second thread that decodes competes with the first team for the same cores; the Makefile builds
 it with ``-DGGML_OPENMP=OFF`` (ggml's own thread pool). This benchmark checks that build.
 
-    .venv/bin/python bench/thread_penalty.py [--repeats 3]
+    .venv/bin/python bench/thread_penalty.py [--repeats 3] [--gguf smollm2 --name thread_penalty_smollm2]
+
+``--gguf`` runs the same arms on any GGUF (``smollm2``: the bundled SmolLM2-135M-Instruct Q4_1)
+instead of the random-weight 25 M-parameter student.
 """
 
 from __future__ import annotations
@@ -47,14 +50,22 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--parallel", type=int, default=8, help="slots of the batching student")
+    ap.add_argument("--gguf", help="a GGUF to decode with, or 'smollm2' (default: a random 25 M)")
+    ap.add_argument("--name", default="thread_penalty", help="results file name")
     args = ap.parse_args()
 
     import llama_cpp
 
     from langchain_understudy.students import ChatStudent
 
-    folder = Path(tempfile.mkdtemp(prefix="thread-penalty-"))
-    gguf = _student_gguf(folder)
+    if args.gguf == "smollm2":
+        from langchain_understudy.distill_jobs.bases import builtin_base_path
+
+        gguf = builtin_base_path("smollm2-135m-instruct")
+    elif args.gguf:
+        gguf = Path(args.gguf)
+    else:
+        gguf = _student_gguf(Path(tempfile.mkdtemp(prefix="thread-penalty-")))
 
     def make(**kw: object) -> ChatStudent:
         opts = {"n_threads": args.threads, "n_parallel": args.parallel, **kw}
@@ -120,11 +131,11 @@ def main() -> None:
     out = {
         "benchmark": "8 requests decoded on the main thread, a worker thread, and concurrently",
         "command": f"python bench/thread_penalty.py --repeats {args.repeats} "
-        f"--parallel {args.parallel}",
+        f"--parallel {args.parallel}" + (f" --gguf {args.gguf} --name {args.name}" if args.gguf else ""),
         "n_parallel": args.parallel,
         "machine": machine(),
         "llama_cpp_python": llama_cpp.__version__,
-        "student": "random-weight llama, hidden 512, 8 layers, Q8_0",
+        "student": str(gguf) if args.gguf else "random-weight llama, hidden 512, 8 layers, Q8_0",
         "tokens_per_request": args.tokens,
         "seconds": times,
         "median_seconds": med,
@@ -142,7 +153,7 @@ def main() -> None:
         for k, d in inside.items()
     ]
     print(table(["arm", "decode steps", "ms per step", "wall time in llama_decode"], rows))
-    print(f"wrote {save('thread_penalty', out)}")
+    print(f"wrote {save(args.name, out)}")
 
 
 if __name__ == "__main__":

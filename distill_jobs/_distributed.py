@@ -52,6 +52,19 @@ class Ranks:
         self._group()
         dist.barrier()
 
+    def close(self) -> None:
+        """Leave the launch's process group, so its native threads stop before the interpreter.
+
+        Without this a rank that finishes first can abort at exit (``terminate called without an
+        active exception``) while gloo's threads are still alive.
+        """
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
 
 def ranks_from_env() -> Ranks:
     """Read ``RANK`` / ``WORLD_SIZE`` as set by torchrun and accelerate."""

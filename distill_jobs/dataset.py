@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
-from langchain_core.messages import AIMessage, BaseMessage
+from langchain_core.messages import AIMessage, BaseMessage, messages_from_dict, messages_to_dict
 
 from langchain_understudy.prompting import (
     Exemplar,
@@ -28,6 +29,8 @@ __all__ = [
     "build_examples",
     "conversation_key",
     "last_user_text",
+    "load_examples",
+    "save_examples",
     "split_examples",
 ]
 
@@ -76,6 +79,42 @@ class Example:
         self.system = system
         self.prompt = self.prompt_of(self.messages)
         self.target = render_answer(self.answer)
+
+    def to_record(self) -> dict[str, Any]:
+        """A JSON-ready dict that :meth:`from_record` turns back into an equal example."""
+        return {
+            "key": self.key,
+            "messages": messages_to_dict(self.messages),
+            "answer": self.answer,
+            "facts": [asdict(f) for f in self.facts],
+            "prompt": self.prompt,
+            "target": self.target,
+            "metadata": self.metadata,
+            "created_at": self.created_at.isoformat() if self.created_at else None,
+            "exemplars": None if self.exemplars is None else [asdict(e) for e in self.exemplars],
+            "tools": self.tools,
+            "system": self.system,
+        }
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Example:
+        """The example a :meth:`to_record` dict holds, prompt and target as they were."""
+        exemplars = record.get("exemplars")
+        return cls(
+            key=record["key"],
+            messages=messages_from_dict(record["messages"]),
+            answer=record["answer"],
+            facts=[Fact(**f) for f in record.get("facts") or ()],
+            prompt=record.get("prompt", ""),
+            target=record.get("target", ""),
+            metadata=record.get("metadata") or {},
+            created_at=datetime.fromisoformat(record["created_at"])
+            if record.get("created_at")
+            else None,
+            exemplars=None if exemplars is None else [Exemplar(**e) for e in exemplars],
+            tools=record.get("tools"),
+            system=record.get("system"),
+        )
 
     def prompt_of(self, messages: Sequence[BaseMessage]) -> str:
         """The prompt over ``messages`` with this example's system line, tools and context."""
@@ -169,3 +208,21 @@ def split_examples(
         bucket = int(hashlib.sha256(f"{salt}:{ex.key}".encode()).hexdigest(), 16) % 10_000
         (held if bucket < cut else train).append(ex)
     return train, held
+
+
+def save_examples(path: str | os.PathLike[str], splits: dict[str, Sequence[Example]]) -> None:
+    """Write named splits of examples as JSON lines (``{"split": name, **record}``)."""
+    with open(path, "w", encoding="utf-8") as f:
+        for name, examples in splits.items():
+            for ex in examples:
+                f.write(json.dumps({"split": name, **ex.to_record()}, default=str) + "\n")
+
+
+def load_examples(path: str | os.PathLike[str]) -> dict[str, list[Example]]:
+    """Read what :func:`save_examples` wrote: split name → examples, in their order."""
+    out: dict[str, list[Example]] = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            record = json.loads(line)
+            out.setdefault(record.pop("split"), []).append(Example.from_record(record))
+    return out

@@ -8,7 +8,8 @@ import os
 import shutil
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +24,8 @@ from langchain_understudy.distill_jobs.dataset import (
     Example,
     FactLookup,
     build_examples,
+    load_examples,
+    save_examples,
     split_examples,
 )
 from langchain_understudy.distill_jobs.scratch import ScratchSize
@@ -169,6 +172,17 @@ class PackageSection(_Section):
     it from the training answers (a closed label set, a JSON schema, or free text),
     ``"off"`` never constrains, or the path of a JSON schema file. The top-level
     ``json_schema`` overrides it."""
+
+    @model_validator(mode="after")
+    def _serve_is_built(self) -> PackageSection:
+        built = {q.upper() for q in self.quant_types} | {self.dtype.upper()}
+        if self.serve.upper() not in built:
+            msg = (
+                f"package.serve = {self.serve!r} is not built: add it to package.quant_types "
+                f"({self.quant_types}) or serve the export dtype {self.dtype.upper()!r}"
+            )
+            raise ValueError(msg)
+        return self
 
 
 class GateSection(_Section):
@@ -325,6 +339,27 @@ class JobResult:
         return d
 
 
+#: The run's examples, both splits, as built (a resumed run trains on these, not on the store).
+DATASET_FILE = "dataset.jsonl"
+
+
+@dataclass
+class _Run:
+    """One run of a job as its stages fill it in (``state`` is the run's ``state.json``)."""
+
+    dir: Path
+    state: dict[str, Any]
+    traces: list[Any] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    train: list[Example] = field(default_factory=list)
+    held: list[Example] = field(default_factory=list)
+    space: AnswerSpace | None = None
+    trained: Any = None  # TrainResult (torch is imported lazily)
+    files: dict[str, Path] = field(default_factory=dict)
+    reports: dict[str, Any] = field(default_factory=dict)
+    serving: dict[str, Any] | None = None
+
+
 def _iso(value: Any) -> str:
     return value.isoformat() if isinstance(value, datetime) else str(value)
 
@@ -332,8 +367,11 @@ def _iso(value: Any) -> str:
 class DistillJob:
     """Run a distillation job: relabel → dataset → train → export → quantize → evaluate → register.
 
-    Every stage writes its outputs into a run folder and records completion in ``state.json``, so
-    ``run(resume=True)`` continues an interrupted run (training from its last checkpoint). Nothing
+    Each stage (``dataset``, ``train``, ``package``, ``evaluate``, ``register``) is one method
+    that writes its outputs into a run folder and records itself in ``state.json`` (``done`` and
+    ``timings_s``), so ``run(resume=True)`` continues an interrupted run from the first stage not
+    done: on the run's own ``dataset.jsonl`` (not on whatever the trace store holds by then),
+    training from its last checkpoint. Nothing
     touches the serving student until the gate has passed; a crash leaves it as it was. A file
     lock makes concurrent runs of the same job exit with :class:`JobLockedError`.
 
@@ -571,6 +609,12 @@ class DistillJob:
 
         require("train", "distillation")
         self.ranks = ranks_from_env()
+        try:
+            return self._run_ranked(resume, trigger)
+        finally:
+            self.ranks.close()
+
+    def _run_ranked(self, resume: bool, trigger: Mapping[str, Any] | None) -> JobResult:
         if not self.ranks.main:  # rank 0 holds the lock for the whole launch
             return self._run_locked(resume, trigger)
         lock = self._lock()
@@ -619,122 +663,225 @@ class DistillJob:
         return report.summary()
 
     def _run_locked(self, resume: bool, trigger: Mapping[str, Any] | None) -> JobResult:
-        timings: dict[str, float] = {}
-        t0 = time.perf_counter()
+        started = time.perf_counter()  # the total counts relabelling too
         ranks = self.ranks
-        relabelled = self._relabel() if ranks.main else None
-        ranks.wait()  # other ranks read the traces rank 0 may just have relabelled
-        if relabelled is not None:
-            timings["relabel"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-        traces, snapshot, until = self._traces()
-        if not traces:
+        run = self._open_run(resume)
+        if run is None:
             return JobResult("skipped", "no new traces since the last build")
-        run_dir = self._resumable_run() if resume else None
-        if run_dir is None and ranks.main:
-            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-            run_dir = self.work_dir / f"{self.config.name}-{stamp}-{snapshot[:8]}"
-            run_dir.mkdir(parents=True)
-        run_dir = Path(ranks.share(str(run_dir)))
-        state = self._state(run_dir)
-        state.setdefault("snapshot", snapshot)
-        state.setdefault("traces_until", until)
-        if ranks.main:
-            self._save_state(run_dir, state)
-            (run_dir / "config.json").write_text(self.config.model_dump_json(indent=2))
-
-        train, held, dropped = self._dataset(run_dir, traces)
-        space = self._answer_space(train)
-        if ranks.main:
-            space.save(run_dir / ANSWER_SPACE_FILE)
-        timings["dataset"] = time.perf_counter() - t0
-
-        from langchain_understudy.distill_jobs.training import TrainResult, plot_loss, train_student
-
-        t1 = time.perf_counter()
-        if "train" in state["done"] and (run_dir / "train" / "final").exists():
-            result = TrainResult.load(run_dir / "train")  # resumed after training had finished
-        else:
-            result = train_student(
-                train,
-                run_dir / "train",
-                self._train_settings(),
-                resume=resume,
-                progress_bar=self.progress,
-            )
+        with self._stage(run, "dataset"):
+            self._dataset_stage(run)
+        with self._stage(run, "train"):
+            self._train_stage(run, resume)
         if not ranks.main:
             why = f"rank {ranks.rank} of {ranks.world} trained; rank 0 packages and registers"
-            return JobResult("skipped", why, run_dir)
-        plot_loss(
-            result.losses, run_dir / "loss.png", title=f"{self.config.name}: distillation loss"
-        )
-        timings["train"] = time.perf_counter() - t1
-        state["done"].append("train")
-        self._save_state(run_dir, state)
+            return JobResult("skipped", why, run.dir)
+        with self._stage(run, "package"):
+            self._package_stage(run)
+        with self._stage(run, "evaluate"):
+            self._evaluate_stage(run)
+        with self._stage(run, "register"):
+            result = self._register_stage(run, trigger, started)
+        shutil.rmtree(run.dir / "train" / "checkpoints", ignore_errors=True)
+        return result
 
-        from langchain_understudy.students import (
-            ChatStudent,
-            StudentRegistry,
-            export_gguf,
-            quantize_gguf,
-        )
+    # -- the run's stages, in order; each records itself in state.json (``done``, ``timings_s``)
+    def _open_run(self, resume: bool) -> _Run | None:
+        """The run: the last unfinished one with ``resume``, else a new one (``None``: no new traces).
 
-        t2 = time.perf_counter()
+        Rank 0 decides (and relabels, for a new dataset) and the other ranks follow. A resumed
+        run whose dataset was built keeps it: no relabelling, and the trace store is not read.
+        """
+        run: _Run | None = None
+        if self.ranks.main:
+            run = self._pick_run(resume)
+        shared = self.ranks.share(str(run.dir) if run is not None else "")
+        if not shared:
+            return None
+        if run is None:  # another rank: rank 0 has written the state
+            run = _Run(Path(shared), self._state(Path(shared)))
+        run.timings = run.state.setdefault("timings_s", {})
+        if self.ranks.main:
+            self._save_state(run.dir, run.state)
+            (run.dir / "config.json").write_text(self.config.model_dump_json(indent=2))
+        return run
+
+    def _pick_run(self, resume: bool) -> _Run | None:
+        found = self._resumable_run() if resume else None
+        if found is not None:
+            state = self._state(found)
+            if "dataset" in state["done"] and (found / DATASET_FILE).is_file():
+                return _Run(found, state)
+        t0 = time.perf_counter()
+        relabelled = self._relabel()  # before the traces are read: they include its answers
+        relabel_s = time.perf_counter() - t0
+        traces, snapshot, until = self._traces()
+        if not traces:
+            return None
+        if found is None:
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+            found = self.work_dir / f"{self.config.name}-{stamp}-{snapshot[:8]}"
+            found.mkdir(parents=True)
+        run = _Run(found, self._state(found), traces=traces)
+        run.state["done"] = []  # no dataset yet: nothing after it ran either
+        run.state["timings_s"] = {"relabel": relabel_s} if relabelled is not None else {}
+        run.state.update(
+            relabel=relabelled,
+            snapshot=snapshot,
+            traces_until=until,
+            n_traces=len(traces),
+            teacher_model=_teacher_model(traces),
+        )
+        return run
+
+    @contextmanager
+    def _stage(self, run: _Run, name: str) -> Iterator[None]:
+        t = time.perf_counter()
+        yield
+        if name not in run.state["done"]:
+            run.state["done"].append(name)
+            run.timings[name] = time.perf_counter() - t  # resumed stages keep their first time
+        if self.ranks.main:
+            self._save_state(run.dir, run.state)
+
+    def _dataset_stage(self, run: _Run) -> None:
+        """Build the examples once and train every rank, and every resume, on that file.
+
+        Rank 0 builds them (facts, exemplars, answer space, OOD index) from the run's traces and
+        writes ``dataset.jsonl``; the other ranks wait, then read it.
+        """
+        ranks = self.ranks
+        if "dataset" not in run.state["done"] and ranks.main:
+            train, held, dropped = self._dataset(run.dir, run.traces)
+            save_examples(run.dir / DATASET_FILE, {"train": train, "heldout": held})
+            self._answer_space(train).save(run.dir / ANSWER_SPACE_FILE)
+            self._ood_index(run.dir, train)
+            run.state["dropped"] = dropped
+        ranks.wait()  # rank 0 has written the dataset the others read
+        splits = load_examples(run.dir / DATASET_FILE)
+        run.train, run.held = splits.get("train", []), splits.get("heldout", [])
+        run.space = AnswerSpace.load(run.dir / ANSWER_SPACE_FILE)
+
+    def _train_stage(self, run: _Run, resume: bool) -> None:
+        from langchain_understudy.distill_jobs.training import TrainResult, plot_loss, train_student
+
+        if "train" in run.state["done"] and (run.dir / "train" / "final").exists():
+            run.trained = TrainResult.load(run.dir / "train")  # resumed after training
+            return
+        run.trained = train_student(
+            run.train,
+            run.dir / "train",
+            self._train_settings(),
+            resume=resume,
+            progress_bar=self.progress,
+        )
+        if self.ranks.main:
+            plot_loss(
+                run.trained.losses,
+                run.dir / "loss.png",
+                title=f"{self.config.name}: distillation loss",
+            )
+
+    def _package_stage(self, run: _Run) -> None:
+        """Export the checkpoint to GGUF and quantize it (``state["files"]``: type → file)."""
+        done = run.state.get("files") or {}
+        if "package" in run.state["done"] and all((run.dir / f).is_file() for f in done.values()):
+            run.files = {q: run.dir / f for q, f in done.items()}
+            return
+        from langchain_understudy.students import export_gguf, quantize_gguf
+
         pkg = self.config.package
-        teacher_model = _teacher_model(traces)
-        prov = {"job": self.config.name, "teacher_model": teacher_model, "trace_snapshot": snapshot}
+        assert run.trained is not None
         base = export_gguf(
-            result.checkpoint_dir,
-            run_dir / f"student.{pkg.dtype}.gguf",
+            run.trained.checkpoint_dir,
+            run.dir / f"student.{pkg.dtype}.gguf",
             dtype=pkg.dtype,
-            provenance=prov,
+            provenance=self._provenance_head(run),
         )
-        files: dict[str, Path] = {pkg.dtype.upper(): base}
+        run.files = {pkg.dtype.upper(): base}
         for q in pkg.quant_types:
             if q.upper() != pkg.dtype.upper():
-                files[q] = quantize_gguf(base, run_dir / f"student.{q}.gguf", q)
-        serve_key: str = pkg.serve if pkg.serve in files else pkg.dtype.upper()
-        timings["package"] = time.perf_counter() - t2
+                run.files[q] = quantize_gguf(base, run.dir / f"student.{q}.gguf", q)
+        run.state["files"] = {q: p.name for q, p in run.files.items()}
 
-        t3 = time.perf_counter()
-        from langchain_understudy.distill_jobs.evaluation import evaluate_student
+    def _evaluate_stage(self, run: _Run) -> None:
+        """Every built type, and the serving student, on the same held-out examples."""
+        from langchain_understudy.distill_jobs.evaluation import EvalReport
+        from langchain_understudy.students import StudentRegistry
 
-        reports: dict[str, Any] = {}
-        for qname, path in files.items():
-            student = ChatStudent(model_path=path, answer_space=space, **self._eval_options(held))
-            reports[qname] = evaluate_student(
-                student, held, progress=self.progress, desc=f"evaluate {qname}"
-            )
-        candidate = reports[serve_key]
-        _write_rows(run_dir / "heldout_eval.jsonl", candidate.rows)
-        registry = StudentRegistry(self.config.registry)
-        serving = registry.current()
-        serving_report = None
+        rows_file = run.dir / "heldout_eval.jsonl"
+        if "evaluate" in run.state["done"] and rows_file.is_file():
+            summaries = run.state["evaluation"]
+            rows = [json.loads(ln) for ln in rows_file.read_text(encoding="utf-8").splitlines()]
+            run.reports = {
+                q: EvalReport(**s, rows=rows if q == self._serve_key() else [])
+                for q, s in summaries["by_quant"].items()
+            }
+            run.serving = summaries["serving"]
+            return
+        run.reports = {
+            q: self._evaluate(run.held, f"evaluate {q}", path, run.space)
+            for q, path in run.files.items()
+        }
+        _write_rows(rows_file, run.reports[self._serve_key()].rows)
+        serving = StudentRegistry(self.config.registry).current()
+        run.serving = None
         if serving is not None:
             try:
-                # held-out examples carry their exemplars; the serving student answers in its
-                # own registered answer space
-                serving_student = ChatStudent.from_version(
-                    serving, exemplars=None, **self._eval_options(held)
-                )
-                serving_report = evaluate_student(
-                    serving_student,
-                    held,
-                    progress=self.progress,
-                    desc=f"evaluate serving {serving.version}",
-                )
+                desc = f"evaluate serving {serving.version}"
+                run.serving = self._evaluate(run.held, desc, serving).summary()
             except UnderstudyError as e:  # a broken serving student must not block a fix
                 logger.warning("could not evaluate serving student %s: %s", serving.version, e)
-        timings["evaluate"] = time.perf_counter() - t3
+        run.state["evaluation"] = {
+            "by_quant": {q: r.summary() for q, r in run.reports.items()},
+            "serving": run.serving,
+        }
 
-        passed, reason = self._gate(
-            candidate.summary(), serving_report.summary() if serving_report else None
+    def _evaluate(
+        self, held: Sequence[Example], desc: str, source: Any, space: AnswerSpace | None = None
+    ) -> Any:
+        """Evaluate ``source`` (a GGUF path, or a registered ``StudentVersion``) as it is served.
+
+        A path answers in ``space``; a version in its own registered answer space. Held-out
+        examples carry their own exemplars, so a version's exemplar memory is not loaded.
+        """
+        from langchain_understudy.distill_jobs.evaluation import evaluate_student
+        from langchain_understudy.students import ChatStudent
+
+        options = self._eval_options(held)
+        student = (
+            ChatStudent(model_path=source, answer_space=space, **options)
+            if isinstance(source, Path)
+            else ChatStudent.from_version(source, exemplars=None, **options)
         )
-        ood = self._ood_index(run_dir, train)
-        reference = self._signal_reference(run_dir, held, candidate.rows, ood)
+        return evaluate_student(student, held, progress=self.progress, desc=desc)
+
+    def _serve_key(self) -> str:
+        pkg = self.config.package
+        return pkg.dtype.upper() if pkg.serve.upper() == pkg.dtype.upper() else pkg.serve
+
+    def _provenance_head(self, run: _Run) -> dict[str, Any]:
+        s = run.state
+        return {
+            "job": self.config.name,
+            "teacher_model": s["teacher_model"],
+            "trace_snapshot": s["snapshot"],
+        }
+
+    def _register_stage(
+        self, run: _Run, trigger: Mapping[str, Any] | None, started: float
+    ) -> JobResult:
+        """Gate the candidate, register it with its artifacts, and promote it if it passed."""
+        from langchain_understudy.students import StudentRegistry
+
+        assert run.trained is not None and run.space is not None
+        serve_key, space, result, state = self._serve_key(), run.space, run.trained, run.state
+        candidate = run.reports[serve_key]
+        passed, reason = self._gate(candidate.summary(), run.serving)
+        ood = run.dir / "ood_index.npy"
+        reference = self._signal_reference(run.dir, run.held, candidate.rows, ood)
         metrics = {
             **candidate.summary(),
-            "by_quant": {name: r.summary() for name, r in reports.items()},
+            "by_quant": {name: r.summary() for name, r in run.reports.items()},
             "n_train": result.n_train,
             "train_steps": result.steps,
             "train_seconds": result.seconds,
@@ -742,21 +889,21 @@ class DistillJob:
             "n_params": result.n_params,
             "n_trainable": result.n_trainable,
             "world_size": result.world_size,
-            "dropped": dropped,
-            "relabel": relabelled,
+            "dropped": state.get("dropped", {}),
+            "relabel": state.get("relabel"),
             "answer_space": {"kind": space.kind, "n_labels": len(space.labels), **space.stats},
             "gate": {"passed": passed, "reason": reason},
         }
         provenance = {
-            **prov,
-            "traces_until": until,
-            "n_traces": len(traces),
-            "n_heldout": len(held),
+            **self._provenance_head(run),
+            "traces_until": state["traces_until"],
+            "n_traces": state["n_traces"],
+            "n_heldout": len(run.held),
             "base_checkpoint": str(self.config.student.base_checkpoint)
             if self.config.student.base_checkpoint
             else None,
             "quant": serve_key,
-            "run_dir": str(run_dir),
+            "run_dir": str(run.dir),
             "config": json.loads(self.config.model_dump_json()),
             "system": self.config.system,
             "n_ctx": self._n_ctx(),
@@ -768,39 +915,41 @@ class DistillJob:
                 else None
             ),
             "exemplars": (
-                {**self.config.exemplars.model_dump(), "n": len(train)}
+                {**self.config.exemplars.model_dump(), "n": len(run.train)}
                 if self.config.exemplars is not None
                 else None
             ),
             "base": self.config.student.base,
             # the tools the student learnt to call (the router's tools_unseen signal reads it)
-            "tools": sorted({t["name"] for ex in train for t in ex.tools or ()}),
+            "tools": sorted({t["name"] for ex in run.train for t in ex.tools or ()}),
             "trigger": dict(trigger) if trigger is not None else None,
         }
+        timings = {**run.timings, "total": time.perf_counter() - started}
         report = {
             "metrics": metrics,
             "answer_space": space.to_dict(),
             "provenance": provenance,
-            "serving": serving_report.summary() if serving_report else None,
+            "serving": run.serving,
             "timings_s": timings,
         }
-        (run_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
+        (run.dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
+        registry = StudentRegistry(self.config.registry)
         version = registry.register(
-            files[serve_key],
+            run.files[serve_key],
             provenance,
             metrics,
             extra_files={
                 **(
-                    {name: run_dir / name for name in EXEMPLAR_FILES}
+                    {name: run.dir / name for name in EXEMPLAR_FILES}
                     if self.config.exemplars is not None
                     else {}
                 ),
-                ANSWER_SPACE_FILE: run_dir / ANSWER_SPACE_FILE,
+                ANSWER_SPACE_FILE: run.dir / ANSWER_SPACE_FILE,
                 "ood_index.npy": ood,
                 SIGNAL_REFERENCE_FILE: reference,
-                "loss.png": run_dir / "loss.png",
-                "report.json": run_dir / "report.json",
-                "heldout_eval.jsonl": run_dir / "heldout_eval.jsonl",
+                "loss.png": run.dir / "loss.png",
+                "report.json": run.dir / "report.json",
+                "heldout_eval.jsonl": run.dir / "heldout_eval.jsonl",
             },
         )
         status: Literal["promoted", "registered", "rejected"]
@@ -811,10 +960,7 @@ class DistillJob:
             status = "rejected" if not passed else "registered"
         state["finished"] = status
         state["version"] = version
-        self._save_state(run_dir, state)
-        timings["total"] = time.perf_counter() - t0
-        shutil.rmtree(run_dir / "train" / "checkpoints", ignore_errors=True)
-        return JobResult(status, reason, run_dir, version, metrics, report["serving"], timings)
+        return JobResult(status, reason, run.dir, version, metrics, run.serving, timings)
 
     def _eval_options(self, held: Sequence[Example]) -> dict[str, Any]:
         """``ChatStudent`` options for evaluating on the held-out set, as it will be served."""

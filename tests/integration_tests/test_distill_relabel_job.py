@@ -66,6 +66,9 @@ def test_unanswered_prompts_are_answered_by_the_teacher_then_distilled(
     assert version.metrics["relabel"]["answered"] == 400
     assert version.metrics["exact_match"] >= 0.5  # chance is 1 in 8; the tiny student varies by CPU
     assert version.provenance["teacher_model"] == trained_gguf.name
+    timings = json.loads(version.artifact("report.json").read_text())["timings_s"]
+    stages = ("relabel", "dataset", "train", "package", "evaluate")
+    assert timings["total"] >= sum(timings[s] for s in stages)  # relabelling counts in the total
 
     # a second run has nothing left to ask and no new traces: it does nothing
     assert main(["distill", "run", "--config", str(tmp_path / "job.toml"), "--quiet"]) == 0

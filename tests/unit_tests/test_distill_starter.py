@@ -5,7 +5,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from langchain_understudy.distill_jobs.job import DistillConfig
+import pytest
+from pydantic import ValidationError
+
+from langchain_understudy.distill_jobs.job import DistillConfig, PackageSection
 from langchain_understudy.plugin.cli import main
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -40,3 +43,9 @@ def test_readme_job_file_is_a_valid_job(tmp_path: Path) -> None:
     cfg = DistillConfig.from_toml(path)
     assert cfg.name == "support-bot"
     assert cfg.exemplars is not None
+
+
+def test_a_served_type_that_is_never_built_is_refused() -> None:
+    with pytest.raises(ValidationError, match=r"package.serve = 'Q8_0' is not built"):
+        PackageSection(quant_types=["Q4_K_M"], serve="Q8_0")
+    assert PackageSection(quant_types=["Q4_K_M"], serve="F16").serve == "F16"  # the export dtype
