@@ -14,15 +14,22 @@ The engine only picks tokens. What a token means (stop strings, the tool-call ma
 confidence) is the caller's business: it reads ``(token, logprob, end)`` from the
 :class:`Generation` it got from :meth:`Engine.generate`, and closes it when it has what it needs.
 
+The context gets its own ggml thread pool (:class:`_ThreadPool`), made once and kept for the
+engine's life. Without one, ggml makes a thread pool for every decode call and tears it down after
+it; a step of a small student is a fraction of a millisecond, so that costs more than the step
+(``bench/thread_pool.py`` measures both).
+
 This module and ``_llama.py`` are the only ones that touch ``llama_cpp``; the llama-cpp-python
-internals read here (``Llama._model.model``, ``._model.vocab``, ``.context_params``, and a
-``LlamaGrammar``'s ``_grammar`` and ``_root`` text) are tested
-against the release pyproject pins.
+internals read here (``Llama._model.model``, ``._model.vocab``, ``.context_params``, a
+``LlamaGrammar``'s ``_grammar`` and ``_root`` text, and ggml's thread-pool functions in the
+shared libraries the wheel ships) are tested against the release pyproject pins.
 """
 
 from __future__ import annotations
 
 import atexit
+import ctypes
+import logging
 import math
 import queue
 import threading
@@ -38,6 +45,81 @@ import numpy as np
 from langchain_understudy.errors import StudentError
 
 __all__ = ["Engine", "EngineStats", "Generation", "Sampling"]
+
+logger = logging.getLogger(__name__)
+
+#: ggml's ``GGML_MAX_N_THREADS`` (the size of a thread pool's CPU mask) in the pinned llama.cpp.
+_GGML_MAX_N_THREADS = 512
+
+
+class _ThreadPoolParams(ctypes.Structure):
+    """ggml's ``struct ggml_threadpool_params``."""
+
+    _fields_ = [  # noqa: RUF012 - the ctypes layout
+        ("cpumask", ctypes.c_bool * _GGML_MAX_N_THREADS),
+        ("n_threads", ctypes.c_int),
+        ("prio", ctypes.c_int),
+        ("poll", ctypes.c_uint32),
+        ("strict_cpu", ctypes.c_bool),
+        ("paused", ctypes.c_bool),
+    ]
+
+
+class _ThreadPool:
+    """A ggml thread pool of ``n_threads`` made once and attached to one llama.cpp context.
+
+    ``None`` from :meth:`attach` when the libraries do not export the thread-pool functions
+    (another llama.cpp build): the context then keeps ggml's pool per decode call.
+    """
+
+    _api: tuple[Any, Any, Any] | None = None
+
+    def __init__(self, handle: int, cpu: Any) -> None:
+        self._handle, self._cpu = handle, cpu
+
+    @classmethod
+    def _functions(cls) -> tuple[Any, Any, Any]:
+        if cls._api is None:
+            from pathlib import Path
+
+            import llama_cpp
+
+            lib = Path(llama_cpp.__file__).parent / "lib"
+            base = ctypes.CDLL(str(lib / "libggml-base.so"))
+            cpu = ctypes.CDLL(str(lib / "libggml-cpu.so"))
+            base.ggml_threadpool_params_default.restype = _ThreadPoolParams
+            base.ggml_threadpool_params_default.argtypes = [ctypes.c_int]
+            cpu.ggml_threadpool_new.restype = ctypes.c_void_p
+            cpu.ggml_threadpool_new.argtypes = [ctypes.POINTER(_ThreadPoolParams)]
+            cpu.ggml_threadpool_free.restype = None
+            cpu.ggml_threadpool_free.argtypes = [ctypes.c_void_p]
+            llama = ctypes.CDLL(str(lib / "libllama.so"))
+            llama.llama_attach_threadpool.restype = None
+            llama.llama_attach_threadpool.argtypes = [ctypes.c_void_p] * 3
+            cls._api = (base, cpu, llama)
+        return cls._api
+
+    @classmethod
+    def attach(cls, ctx: Any, n_threads: int) -> _ThreadPool | None:
+        """Make a pool and attach it to ``ctx`` for generation and prompt reading alike."""
+        try:
+            base, cpu, llama = cls._functions()
+            params = base.ggml_threadpool_params_default(n_threads)
+            handle = cpu.ggml_threadpool_new(ctypes.byref(params))
+        except (OSError, AttributeError) as e:
+            logger.debug("no ggml thread pool (%s): llama.cpp makes one per decode", e)
+            return None
+        if not handle:
+            return None
+        pool = cls(handle, cpu)
+        llama.llama_attach_threadpool(ctx, handle, handle)
+        return pool
+
+    def free(self) -> None:
+        """Free the pool (after the context that used it)."""
+        if self._handle:
+            self._cpu.ggml_threadpool_free(ctypes.c_void_p(self._handle))
+            self._handle = 0
 
 
 @dataclass(frozen=True)
@@ -149,16 +231,32 @@ class Engine:
     """A llama.cpp context with ``slots`` sequences, decoded by one engine thread.
 
     ``llm`` is a loaded ``llama_cpp.Llama``; the engine makes its own context from the same
-    weights (``n_ctx`` tokens per slot) and keeps ``llm`` alive while it runs. The thread stops,
+    weights (``n_ctx`` tokens per slot) and keeps ``llm`` alive while it runs. ``thread_pool``
+    (default) gives the context one ggml thread pool for its life; ``False`` leaves ggml to make
+    one per decode call (kept for ``bench/thread_pool.py``). The thread stops,
     and the context is freed, when the engine is garbage-collected or :meth:`close` is called.
     """
 
     def __init__(
-        self, llm: Any, *, slots: int, n_ctx: int, n_batch: int, n_threads: int | None
+        self,
+        llm: Any,
+        *,
+        slots: int,
+        n_ctx: int,
+        n_batch: int,
+        n_threads: int | None,
+        thread_pool: bool = True,
     ) -> None:
         self.slots = slots
         self.n_ctx = n_ctx
-        self._loop = _Loop(llm, slots=slots, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads)
+        self._loop = _Loop(
+            llm,
+            slots=slots,
+            n_ctx=n_ctx,
+            n_batch=n_batch,
+            n_threads=n_threads,
+            thread_pool=thread_pool,
+        )
         self._thread = threading.Thread(
             target=self._loop.run, daemon=True, name="understudy-engine"
         )
@@ -207,7 +305,14 @@ class _Loop:
     """The engine thread's state: the context, the batch, the sequences."""
 
     def __init__(
-        self, llm: Any, *, slots: int, n_ctx: int, n_batch: int, n_threads: int | None
+        self,
+        llm: Any,
+        *,
+        slots: int,
+        n_ctx: int,
+        n_batch: int,
+        n_threads: int | None,
+        thread_pool: bool,
     ) -> None:
         import llama_cpp
 
@@ -229,6 +334,7 @@ class _Loop:
                 "lower n_parallel or n_ctx"
             )
         self._ctx = ctx
+        self._pool = _ThreadPool.attach(ctx, int(params.n_threads)) if thread_pool else None
         self._mem = llama_cpp.llama_get_memory(ctx)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self.inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
@@ -393,4 +499,7 @@ class _Loop:
             self._lib.llama_batch_free(self._batch)
             self._lib.llama_free(self._ctx)
             self._ctx = None
+        if self._pool is not None:
+            self._pool.free()
+            self._pool = None
         self._llm = None

@@ -69,6 +69,22 @@ def test_safe_from_many_threads(trained_gguf: Path) -> None:
     assert stats.finished == len(questions) and stats.active == 0
 
 
+def test_engine_own_thread_pool_decodes_the_same_tokens(trained_gguf: Path) -> None:
+    from langchain_understudy.students._engine import Engine, Sampling
+    from langchain_understudy.students._llama import load_llama
+
+    llm = load_llama(trained_gguf, n_ctx=256, n_threads=2, n_gpu_layers=0, seed=0)
+    prompt = llm.tokenize(b"What color is the cat? It is blue.")
+    out = {}
+    for pool in (True, False):
+        engine = Engine(llm, slots=2, n_ctx=256, n_batch=64, n_threads=2, thread_pool=pool)
+        with engine.generate(prompt, max_tokens=12, sampling=Sampling()) as gen:
+            out[pool] = [token for token, _, _ in gen]
+        assert (engine._loop._pool is not None) is pool  # ggml's thread pool functions found
+        engine.close()  # the context, then the pool, are freed
+    assert out[True] == out[False] and out[True]
+
+
 def test_stop_and_max_tokens(student: ChatStudent) -> None:
     cut = student.invoke(Q, stop=["rp"])
     assert cut.content == "pu"

@@ -114,10 +114,10 @@ def csv_text(draw: st.DrawFn) -> bytes:
     return buf.getvalue().encode("utf-8", "surrogatepass")
 
 
-def _text_file(draw: st.DrawFn) -> bytes:
+def _text_file(draw: st.DrawFn, huge_repeats: int) -> bytes:
     kind = draw(st.sampled_from(["text", "huge-line", "broken", "bom", "utf16", "crlf"]))
     if kind == "huge-line":
-        return (draw(valid_text) or "x").encode() * draw(st.integers(1, 20_000))
+        return (draw(valid_text) or "x").encode() * draw(st.integers(1, huge_repeats))
     if kind == "broken":
         return draw(valid_text).encode() + draw(broken_bytes)
     if kind == "bom":
@@ -129,8 +129,11 @@ def _text_file(draw: st.DrawFn) -> bytes:
 
 
 @st.composite
-def files(draw: st.DrawFn) -> list[tuple[bytes, bytes]]:
-    """Up to four (file name, content) pairs; names may be any bytes but ``/`` and NUL."""
+def files(draw: st.DrawFn, huge_repeats: int = 20_000) -> list[tuple[bytes, bytes]]:
+    """Up to four (file name, content) pairs; names may be any bytes but ``/`` and NUL.
+
+    A huge line repeats a text up to ``huge_repeats`` times (up to 800 kB).
+    """
     out = []
     for _ in range(draw(st.integers(1, 4))):
         suffix = draw(
@@ -148,9 +151,21 @@ def files(draw: st.DrawFn) -> list[tuple[bytes, bytes]]:
         elif suffix == b".csv":
             content = draw(csv_text() | broken_bytes)
         else:
-            content = _text_file(draw)
+            content = _text_file(draw, huge_repeats)
         out.append((stem + suffix, content))
     return out
+
+
+@st.composite
+def ingest_cases(draw: st.DrawFn) -> tuple[tuple[int, int], list[tuple[bytes, bytes]]]:
+    """A chunking setting and the files to ingest with it.
+
+    Huge lines come with the default 800-character chunks (up to 1,000 facts a file); with the
+    tiny chunk settings a line is at most 500 repeats (20 kB), or one case would store 800,000
+    facts and the large-budget run would spend its time on a few cases.
+    """
+    chunk = draw(st.sampled_from([(800, 80), (50, 0), (10, 9)]))
+    return chunk, draw(files(huge_repeats=20_000 if chunk[0] >= 800 else 500))
 
 
 # -- the store before the batch --------------------------------------------------------------
@@ -194,8 +209,9 @@ def test_kb_ingest_of_any_files_never_fails_and_keeps_the_store(
     n = itertools.count()
 
     @FUZZ
-    @given(named=files(), chunk=st.sampled_from([(800, 80), (50, 0), (10, 9)]))
-    def case(named: list[tuple[bytes, bytes]], chunk: tuple[int, int]) -> None:
+    @given(case_input=ingest_cases())
+    def case(case_input: tuple[tuple[int, int], list[tuple[bytes, bytes]]]) -> None:
+        chunk, named = case_input
         i = next(n)
         if i and i % FRESH_STORE_EVERY == 0:  # a store that grew over every case slows each one
             shutil.rmtree(store)
