@@ -4,7 +4,8 @@ The same greedy generations (``--prompts``, one after another) go through two ``
 one loaded model: one whose context has a thread pool made once (the default), and one that leaves
 ggml to make a pool for every ``llama_decode`` call. Each pair of arms runs alone and beside a
 Python thread that wants the CPU half of the time (2 ms busy, 2 ms asleep), as a server's request
-threads do. Arms interleave, medians over ``--repeats``.
+threads do, and 8 at a time (continuous batching, each read by its own thread). Arms
+interleave, medians over ``--repeats``.
 
     .venv/bin/python bench/thread_pool.py [--models demo smollm2] [--repeats 5]
 
@@ -79,6 +80,26 @@ def _generate(engine: Any, prompts: list[list[int]], tokens: int) -> tuple[float
     return wall, 1000 * (engine.stats.decode_seconds - sec0) / max(1, steps)
 
 
+def _generate_at_once(engine: Any, prompts: list[list[int]], tokens: int) -> tuple[float, float]:
+    """Seconds for the prompts 8 at a time, each read by its own thread, and ms per step."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from langchain_understudy.students._engine import Sampling
+
+    def one(prompt: list[int]) -> None:
+        with engine.generate(prompt, max_tokens=tokens, sampling=Sampling()) as gen:
+            for _ in gen:
+                pass
+
+    steps0, sec0 = engine.stats.steps, engine.stats.decode_seconds
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(one, prompts))
+    wall = time.perf_counter() - t0
+    steps = engine.stats.steps - steps0
+    return wall, 1000 * (engine.stats.decode_seconds - sec0) / max(1, steps)
+
+
 def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     from langchain_understudy.students._engine import Engine
     from langchain_understudy.students._llama import load_llama
@@ -87,7 +108,7 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     llm = load_llama(path, n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=0, seed=0)
     engines = {
         pool: Engine(
-            llm, slots=1, n_ctx=args.n_ctx, n_batch=512, n_threads=args.threads, thread_pool=pool
+            llm, slots=8, n_ctx=args.n_ctx, n_batch=512, n_threads=args.threads, thread_pool=pool
         )
         for pool in (True, False)
     }
@@ -95,35 +116,37 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         llm.tokenize(f"Question {i}: how much is the Pro plan?".encode())
         for i in range(args.prompts)
     ]
-    arms = [(pool, busy) for busy in (False, True) for pool in (True, False)]
-    walls: dict[tuple[bool, bool], list[float]] = {a: [] for a in arms}
-    steps: dict[tuple[bool, bool], list[float]] = {a: [] for a in arms}
+    arms = [
+        (load, pool) for load in ("one at a time", "busy thread", "8 at once") for pool in (True, False)
+    ]
+    walls: dict[tuple[str, bool], list[float]] = {a: [] for a in arms}
+    steps: dict[tuple[str, bool], list[float]] = {a: [] for a in arms}
     for engine in engines.values():
         _generate(engine, prompts[:2], args.tokens)  # warm-up
     for _ in range(args.repeats):
-        for pool, busy in arms:
-            if busy:
+        for load, pool in arms:
+            if load == "busy thread":
                 with _Busy():
                     wall, ms = _generate(engines[pool], prompts, args.tokens)
+            elif load == "8 at once":
+                wall, ms = _generate_at_once(engines[pool], prompts, args.tokens)
             else:
                 wall, ms = _generate(engines[pool], prompts, args.tokens)
-            walls[(pool, busy)].append(wall)
-            steps[(pool, busy)].append(ms)
+            walls[(load, pool)].append(wall)
+            steps[(load, pool)].append(ms)
     for engine in engines.values():
         engine.close()
-    out = []
-    for pool, busy in arms:
-        out.append(
-            {
-                "model": name,
-                "thread_pool": "engine's own" if pool else "ggml's per decode",
-                "busy_python_thread": busy,
-                "median_seconds": statistics.median(walls[(pool, busy)]),
-                "median_ms_per_step": statistics.median(steps[(pool, busy)]),
-                "seconds": walls[(pool, busy)],
-            }
-        )
-    return out
+    return [
+        {
+            "model": name,
+            "load": load,
+            "thread_pool": "engine's own" if pool else "ggml's per decode",
+            "median_seconds": statistics.median(walls[(load, pool)]),
+            "median_ms_per_step": statistics.median(steps[(load, pool)]),
+            "seconds": walls[(load, pool)],
+        }
+        for load, pool in arms
+    ]
 
 
 def main() -> None:
@@ -139,18 +162,16 @@ def main() -> None:
     rows = [r for name in args.models for r in run_model(name, args)]
     ratios = {}
     for name in args.models:
-        for busy in (False, True):
+        for load in ("one at a time", "busy thread", "8 at once"):
             own, per = (
                 next(
                     r for r in rows
-                    if r["model"] == name and r["busy_python_thread"] == busy
+                    if r["model"] == name and r["load"] == load
                     and r["thread_pool"].startswith(kind)
                 )
                 for kind in ("engine", "ggml")
             )  # fmt: skip
-            ratios[f"{name}{', busy' if busy else ''}"] = (
-                own["median_seconds"] / per["median_seconds"]
-            )
+            ratios[f"{name}, {load}"] = own["median_seconds"] / per["median_seconds"]
     result = {
         "benchmark": "generations one after another, engine's own ggml thread pool vs per call",
         "command": f"python bench/thread_pool.py --models {' '.join(args.models)}",
@@ -163,10 +184,10 @@ def main() -> None:
     }
     print(
         table(
-            ["model", "thread pool", "busy Python thread", "median s", "ms per step"],
+            ["model", "load", "thread pool", "median s", "ms per step"],
             [
                 [
-                    r["model"], r["thread_pool"], "yes" if r["busy_python_thread"] else "no",
+                    r["model"], r["load"], r["thread_pool"],
                     f"{r['median_seconds']:.3f}", f"{r['median_ms_per_step']:.3f}",
                 ]
                 for r in rows
