@@ -66,16 +66,17 @@ class _ThreadPoolParams(ctypes.Structure):
 
 
 class _ThreadPool:
-    """A ggml thread pool of ``n_threads`` made once and attached to one llama.cpp context.
+    """ggml thread pools made once and attached to one llama.cpp context.
 
-    ``None`` from :meth:`attach` when the libraries do not export the thread-pool functions
-    (another llama.cpp build): the context then keeps ggml's pool per decode call.
+    One pool of ``n_threads`` for generation and, when ``n_threads_batch`` differs, a second for
+    prompt reading. ``None`` from :meth:`attach` when the libraries do not export the thread-pool
+    functions (another llama.cpp build): the context then keeps ggml's pool per decode call.
     """
 
     _api: tuple[Any, Any, Any] | None = None
 
-    def __init__(self, handle: int, cpu: Any) -> None:
-        self._handle, self._cpu = handle, cpu
+    def __init__(self, handles: list[int], cpu: Any) -> None:
+        self._handles, self._cpu = handles, cpu
 
     @classmethod
     def _functions(cls) -> tuple[Any, Any, Any]:
@@ -100,26 +101,30 @@ class _ThreadPool:
         return cls._api
 
     @classmethod
-    def attach(cls, ctx: Any, n_threads: int) -> _ThreadPool | None:
-        """Make a pool and attach it to ``ctx`` for generation and prompt reading alike."""
+    def attach(cls, ctx: Any, n_threads: int, n_threads_batch: int) -> _ThreadPool | None:
+        """Make the pools and attach them to ``ctx``."""
         try:
             base, cpu, llama = cls._functions()
-            params = base.ggml_threadpool_params_default(n_threads)
-            handle = cpu.ggml_threadpool_new(ctypes.byref(params))
         except (OSError, AttributeError) as e:
             logger.debug("no ggml thread pool (%s): llama.cpp makes one per decode", e)
             return None
-        if not handle:
-            return None
-        pool = cls(handle, cpu)
-        llama.llama_attach_threadpool(ctx, handle, handle)
-        return pool
+        handles: list[int] = []
+        for n in dict.fromkeys((n_threads, n_threads_batch)):
+            params = base.ggml_threadpool_params_default(n)
+            handle = cpu.ggml_threadpool_new(ctypes.byref(params))
+            if not handle:
+                for h in handles:
+                    cpu.ggml_threadpool_free(h)
+                return None
+            handles.append(handle)
+        llama.llama_attach_threadpool(ctx, handles[0], handles[-1])
+        return cls(handles, cpu)
 
     def free(self) -> None:
-        """Free the pool (after the context that used it)."""
-        if self._handle:
-            self._cpu.ggml_threadpool_free(ctypes.c_void_p(self._handle))
-            self._handle = 0
+        """Free the pools (after the context that used them)."""
+        for handle in self._handles:
+            self._cpu.ggml_threadpool_free(handle)
+        self._handles = []
 
 
 @dataclass(frozen=True)
@@ -334,7 +339,11 @@ class _Loop:
                 "lower n_parallel or n_ctx"
             )
         self._ctx = ctx
-        self._pool = _ThreadPool.attach(ctx, int(params.n_threads)) if thread_pool else None
+        self._pool = (
+            _ThreadPool.attach(ctx, int(params.n_threads), int(params.n_threads_batch))
+            if thread_pool
+            else None
+        )
         self._mem = llama_cpp.llama_get_memory(ctx)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self.inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
