@@ -210,8 +210,9 @@ def evaluate_student(
                 shown.update(tools=ex.tools, tool_choice="auto")
             msg = student.invoke(ex.messages, facts=ex.facts, **shown, **kwargs)
             pred, confidence = answer_text(msg, ex.tools), msg.response_metadata.get("confidence")
+            entropy = msg.response_metadata.get("answer_entropy")
         except StudentError as e:  # e.g. a prompt longer than the context: a miss, not a crash
-            pred, confidence, error = "", None, str(e)
+            pred, confidence, entropy, error = "", None, None, str(e)
         ms = (time.perf_counter() - t0) * 1000
         rows.append(
             {
@@ -224,6 +225,7 @@ def evaluate_student(
                 "valid_json": _as_json_object(pred) is not None,
                 "latency_ms": ms,
                 "confidence": confidence,
+                "answer_entropy": entropy,
                 "error": error,
                 "tool_calls": tool_call_scores(pred, ex.answer),
                 "metadata": ex.metadata,

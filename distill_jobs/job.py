@@ -694,15 +694,16 @@ class DistillJob:
         run: _Run | None = None
         if self.ranks.main:
             run = self._pick_run(resume)
+            if run is not None:  # written before the other ranks read it
+                run.state.setdefault("timings_s", {})
+                self._save_state(run.dir, run.state)
+                (run.dir / "config.json").write_text(self.config.model_dump_json(indent=2))
         shared = self.ranks.share(str(run.dir) if run is not None else "")
         if not shared:
             return None
-        if run is None:  # another rank: rank 0 has written the state
+        if run is None:  # another rank: the state rank 0 has written
             run = _Run(Path(shared), self._state(Path(shared)))
         run.timings = run.state.setdefault("timings_s", {})
-        if self.ranks.main:
-            self._save_state(run.dir, run.state)
-            (run.dir / "config.json").write_text(self.config.model_dump_json(indent=2))
         return run
 
     def _pick_run(self, resume: bool) -> _Run | None:
@@ -1033,8 +1034,9 @@ class DistillJob:
         """The held-out distribution of the routing signals the drift watch compares with.
 
         ``ood_distance``: cosine distance from each held-out query to its nearest training
-        prompt (the index registered with the student); ``student_confidence``: the candidate's
-        confidence on each held-out answer; ``retrieval_similarity`` (with a ``[knowledge]``
+        prompt (the index registered with the student); ``student_confidence`` and
+        ``answer_entropy``: the candidate's confidence and mean next-token entropy on each
+        held-out answer; ``retrieval_similarity`` (with a ``[knowledge]``
         store): the relevance of the best fact the store finds for each held-out query, asked
         the way a served request asks it.
         """
@@ -1047,8 +1049,13 @@ class DistillJob:
             sims = np.asarray(held_vecs) @ np.asarray(vecs).T
             distances = [float(1.0 - s) for s in sims.max(axis=1)]
         confidence = [float(r["confidence"]) for r in rows if r.get("confidence") is not None]
+        entropy = [float(r["answer_entropy"]) for r in rows if r.get("answer_entropy") is not None]
         out = run_dir / SIGNAL_REFERENCE_FILE
-        signals = {"ood_distance": distances, "student_confidence": confidence}
+        signals = {
+            "ood_distance": distances,
+            "student_confidence": confidence,
+            "answer_entropy": entropy,
+        }
         if self.config.knowledge.path is not None and held:
             signals["retrieval_similarity"] = self._retrieval_similarity(held)
         out.write_text(json.dumps({"format": 1, "signals": signals}), encoding="utf-8")

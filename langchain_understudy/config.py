@@ -260,7 +260,8 @@ class RolloutSettings(_Section):
     drift_min_samples: int = Field(default=100, ge=10)
     """Live values needed before a signal's drift is judged."""
     drift_alarm_psi: float = Field(default=0.25, gt=0)
-    """PSI at or above which a signal raises the drift alarm."""
+    """PSI at or above which a signal raises the drift alarm (when its KS statistic is also
+    beyond the 1% critical value for the two sample sizes, so that sampling noise does not)."""
 
 
 class TraceSettings(_Section):

@@ -88,6 +88,9 @@ METADATA_FIELDS: dict[str, str] = {
     "signals": "raw signal values by name",
     "absent": "signals that did not apply, with the reason",
     "failed": "signals that failed, with the reason (a failing signal escalates)",
+    "answer_entropy": "mean entropy (nats) of the student's next-token distributions over its "
+    "answer, or ``None`` when the student did not answer; the drift watch compares it with the "
+    "held-out answers'",
 }
 """What ``response_metadata["understudy"]`` holds on every answer: key → meaning."""
 
@@ -248,6 +251,8 @@ class RoutingFlow:
         """Why the escalation was blocked, once it was."""
         self.student_error: str | None = None
         """What the student raised, if it failed."""
+        self.answer_entropy: float | None = None
+        """The student's answer entropy (its ``response_metadata``), once it has answered."""
         self.asked_teacher = False
         """The router asked for the teacher."""
         self._clock = clock
@@ -273,6 +278,8 @@ class RoutingFlow:
         if isinstance(draft, StudentError):
             yield from self._student_failed(draft)
             return
+        entropy = draft.response_metadata.get("answer_entropy")
+        self.answer_entropy = float(entropy) if isinstance(entropy, int | float) else None
         if r.mode in ("cascade", "auto") and self.blocked is None:
             r.ctx.student_output = draft
             d = yield from self._score("cascade" if r.mode == "cascade" else "post")
@@ -401,6 +408,7 @@ class RoutingFlow:
             "signals": signals,
             "absent": absent,
             "failed": failed,
+            "answer_entropy": self.answer_entropy,
         }
 
     def audit_record(self, meta: dict[str, Any]) -> dict[str, Any]:

@@ -311,7 +311,9 @@ class ChatUnderstudy(BaseChatModel):
     * ``student_draft_discarded``: ``True`` when the teacher's answer replaced the student's;
     * ``student_version``, ``student_model``, ``teacher_model`` (``None`` without a teacher);
     * ``latency_ms``, ``router_overhead_ms``, ``retrieval_ms``; ``facts``: keys of the facts shown;
-    * ``signals`` (raw values), ``absent`` and ``failed`` (signal name → why).
+    * ``signals`` (raw values), ``absent`` and ``failed`` (signal name → why);
+    * ``answer_entropy``: the mean entropy of the student's next-token distributions over its
+      answer (``None`` when the student did not answer), which the drift watch follows.
 
     Streaming: in ``pre`` mode the student's tokens stream as they are generated. In ``cascade`` and
     ``auto`` mode the student's answer must be complete before the router can judge it, so it

@@ -57,7 +57,9 @@ __all__ = [
     "LiveSummary",
     "agreement",
     "conversation_key",
+    "drift_values",
     "in_canary",
+    "ks_critical",
     "ks_statistic",
     "psi",
     "summarize",
@@ -66,8 +68,17 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DRIFT_SIGNALS = ("ood_distance", "student_confidence", "retrieval_similarity")
-"""The routing signals whose live distribution is compared with the held-out one."""
+DRIFT_SIGNALS = ("ood_distance", "student_confidence", "retrieval_similarity", "answer_entropy")
+"""The values whose live distribution is compared with the held-out one: routing signals, and the
+student's answer entropy (``response_metadata["understudy"]["answer_entropy"]``)."""
+
+
+def drift_values(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The values the drift watch follows, from an answer's metadata or an audit-log record."""
+    signals = meta.get("signals")
+    out = dict(signals) if isinstance(signals, Mapping) else {}
+    out["answer_entropy"] = meta.get("answer_entropy")
+    return out
 
 
 # -- agreement and intervals ------------------------------------------------------------------------
@@ -432,6 +443,16 @@ def ks_statistic(reference: Sequence[float], live: Sequence[float]) -> float:
     return float(np.max(np.abs(fa - fb)))
 
 
+def ks_critical(n_reference: int, n_live: int, alpha: float = 0.01) -> float:
+    """The two-sample KS statistic that samples of these sizes exceed by chance with ``alpha``.
+
+    The asymptotic value ``c(alpha) * sqrt((n + m) / (n * m))``, ``c = sqrt(-ln(alpha / 2) / 2)``
+    (1.63 at 1%).
+    """
+    c = math.sqrt(-math.log(alpha / 2) / 2)
+    return c * math.sqrt((n_reference + n_live) / (n_reference * n_live))
+
+
 class DriftMonitor:
     """Live routing signals of one student against their held-out distributions.
 
@@ -439,7 +460,8 @@ class DriftMonitor:
         reference: Signal name → values measured on the student's held-out traces.
         window: Live values kept per signal (the latest ones).
         min_samples: Live values needed before a signal is judged.
-        alarm_psi: PSI at or above which a signal raises the alarm.
+        alarm_psi: PSI at or above which a signal raises the alarm, when its KS statistic also
+            exceeds the 1% critical value for the two sample sizes (:func:`ks_critical`).
     """
 
     def __init__(
@@ -499,7 +521,10 @@ class DriftMonitor:
             if len(cur) >= self.min_samples:
                 row["psi"] = round(psi(ref, cur), 4)
                 row["ks"] = round(ks_statistic(ref, cur), 4)
-                if row["psi"] >= self.alarm_psi:
+                row["ks_critical"] = round(ks_critical(len(ref), len(cur)), 4)
+                # large (PSI) and not sampling noise (KS beyond its 1% critical value): PSI on
+                # deciles of a few hundred values reaches 0.25 by chance alone
+                if row["psi"] >= self.alarm_psi and row["ks"] >= row["ks_critical"]:
                     raised.append(name)
             out["signals"][name] = row
         out["alarm"] = bool(raised)
@@ -650,7 +675,7 @@ class LiveRollout:
         """
         monitor = self.drift(served_version)
         if monitor is not None:  # escalated requests too: they are the traffic that drifts
-            monitor.observe(meta.get("signals") or {})
+            monitor.observe(drift_values(meta))
         st = self.state()
         base = {
             "serving": served_version,
@@ -842,7 +867,7 @@ def drift_from_audit(
             and rec.get("student_version") == version
             and isinstance(rec.get("signals"), dict)
         ):
-            kept.append(rec["signals"])
+            kept.append(drift_values(rec))
     for signals in kept:
         monitor.observe(signals)
     return {"version": version, **monitor.report()}

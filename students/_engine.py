@@ -11,7 +11,7 @@ is; a sequence leaves when it ends (an end-of-generation token or its token budg
 caller closes it (a stop string, a disconnect).
 
 The engine only picks tokens. What a token means (stop strings, the tool-call marker, streaming,
-confidence) is the caller's business: it reads ``(token, logprob, end)`` from the
+confidence) is the caller's business: it reads ``(token, logprob, entropy, end)`` from the
 :class:`Generation` it got from :meth:`Engine.generate`, and closes it when it has what it needs.
 
 The context gets its own ggml thread pool (:class:`_ThreadPool`), made once and kept for the
@@ -185,9 +185,11 @@ def _stop_all() -> None:
 
 
 class Generation:
-    """One generation's tokens, in order, as ``(token, logprob, end)``.
+    """One generation's tokens, in order, as ``(token, logprob, entropy, end)``.
 
-    ``logprob`` is ``None`` unless :attr:`Sampling.logprobs` was asked for; ``end`` says the token
+    ``logprob`` (of the token) and ``entropy`` (of the distribution it was picked from, in nats,
+    before any grammar) are ``None`` unless :attr:`Sampling.logprobs` was asked for; ``end`` says
+    the token
     is an end-of-generation token (the last item). Iteration stops when the sequence ends or
     reaches its budget; :meth:`close` (or leaving a ``with`` block) frees the slot early.
     """
@@ -206,7 +208,7 @@ class Generation:
         self.last = -1  # the last picked token, fed back in the next step
         self.sampler: Any = None
 
-    def __iter__(self) -> Iterator[tuple[int, float | None, bool]]:
+    def __iter__(self) -> Iterator[tuple[int, float | None, float | None, bool]]:
         while True:
             item = self._out.get()
             if item is _END:
@@ -452,17 +454,22 @@ class _Loop:
     def _pick(self, gen: Generation, index: int) -> None:
         lib = self._lib
         token = int(lib.llama_sampler_sample(gen.sampler, self._ctx, index))
-        logprob = None
+        logprob = entropy = None
         if gen.sampling.logprobs:
             ptr = lib.llama_get_logits_ith(self._ctx, index)
             logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
-            top = float(logits.max())
-            logprob = float(logits[token]) - top - math.log(float(np.exp(logits - top).sum()))
+            shifted = logits - float(logits.max())
+            weights = np.exp(shifted)
+            total = float(weights.sum())
+            log_total = math.log(total)
+            logprob = float(shifted[token]) - log_total
+            # entropy of the next-token distribution: log Z - E[shifted logit]
+            entropy = max(0.0, log_total - float(weights @ shifted) / total)
         end = bool(lib.llama_vocab_is_eog(self._vocab, token))
         gen.made += 1
         gen.last = token
         self.stats.generated += 1
-        gen._emit((token, logprob, end))
+        gen._emit((token, logprob, entropy, end))
         if end or gen.made >= gen.max_tokens:
             self._finish(gen)
 

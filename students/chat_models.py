@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import queue
+import statistics
 import threading
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
@@ -109,6 +110,7 @@ class _Generation:
     completion_tokens: int = 0
     finish_reason: str = "stop"
     logprobs: list[float] = field(default_factory=list)
+    entropies: list[float] = field(default_factory=list)
     truncated_turns: int = 0
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
     invalid_tool_calls: list[dict[str, Any]] = field(default_factory=list)
@@ -165,13 +167,15 @@ def _require_complete(message: AIMessage) -> AIMessage:
 class ChatStudent(BaseChatModel):
     """A distilled student in GGUF, run by llama.cpp, as a LangChain chat model.
 
-    The model file is loaded on first use. Calls are thread-safe: each borrows one of
-    ``n_instances`` llama.cpp contexts (weights are memory-mapped once and shared). Messages are
+    The model file is loaded on first use. Calls are thread-safe: each is one sequence of the
+    engine's single llama.cpp context, decoded together with the others (``n_parallel`` slots). Messages are
     rendered by :func:`langchain_understudy.prompting.render_prompt`, the same function the
     distillation job trains with. Retrieved facts can be passed per call as ``facts=[...]``.
 
     Every returned message carries ``usage_metadata`` and ``response_metadata`` with
-    ``model_name``, ``finish_reason`` and ``confidence`` (see :func:`confidence_from_logprobs`).
+    ``model_name``, ``finish_reason``, ``confidence`` (see :func:`confidence_from_logprobs`) and
+    ``answer_entropy`` (the mean entropy, in nats, of the next-token distributions the answer's
+    tokens were picked from); both are ``None`` with ``confidence=False``.
 
     Conversations longer than the context: an answer always gets room for
     ``min(max_tokens, n_ctx // 4)`` tokens (``max_tokens`` is capped to what the context has left
@@ -586,6 +590,7 @@ class ChatStudent(BaseChatModel):
             )
         gen.completion_tokens += calls.completion_tokens
         gen.logprobs += calls.logprobs
+        gen.entropies += calls.entropies
         gen.call_logprobs = calls.logprobs
         gen.tool_calls = stream.calls()
         gen.invalid_tool_calls = stream.unfinished()
@@ -626,9 +631,11 @@ class ChatStudent(BaseChatModel):
         )
         hit: str | None = None
         with engine.generate(tokens, max_tokens=max_tokens, sampling=sampling) as tokens_out:
-            for token, logprob, end in tokens_out:
+            for token, logprob, entropy, end in tokens_out:
                 if logprob is not None:
                     gen.logprobs.append(logprob)
+                if entropy is not None:
+                    gen.entropies.append(entropy)
                 if token == marker:
                     hit = CALL
                 if hit or end:
@@ -662,6 +669,7 @@ class ChatStudent(BaseChatModel):
             "model_name": self._model_name,
             "finish_reason": gen.finish_reason,
             "confidence": confidence_from_logprobs(gen.logprobs) if gen.logprobs else None,
+            "answer_entropy": statistics.fmean(gen.entropies) if gen.entropies else None,
             "model_provider": "understudy",
         }
         if self.student_version:

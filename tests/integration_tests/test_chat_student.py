@@ -33,6 +33,9 @@ def test_answers_like_the_teacher(student: ChatStudent) -> None:
     meta = msg.response_metadata
     assert meta["finish_reason"] == "stop" and meta["model_name"] == "colors.Q8_0.gguf"
     assert 0.5 < meta["confidence"] <= 1.0
+    # a confident answer comes from peaked distributions: entropy well under log(vocabulary)
+    assert 0.0 <= meta["answer_entropy"] < 1.0
+    assert student.invoke(Q, confidence=False).response_metadata["answer_entropy"] is None
     usage = msg.usage_metadata
     assert usage is not None and usage["output_tokens"] >= 1
     assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
@@ -79,7 +82,7 @@ def test_engine_own_thread_pool_decodes_the_same_tokens(trained_gguf: Path) -> N
     for pool in (True, False):
         engine = Engine(llm, slots=2, n_ctx=256, n_batch=64, n_threads=2, thread_pool=pool)
         with engine.generate(prompt, max_tokens=12, sampling=Sampling()) as gen:
-            out[pool] = [token for token, _, _ in gen]
+            out[pool] = [token for token, _, _, _ in gen]
         assert (engine._loop._pool is not None) is pool  # ggml's thread pool functions found
         engine.close()  # the context, then the pool, are freed
     assert out[True] == out[False] and out[True]

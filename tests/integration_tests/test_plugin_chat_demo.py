@@ -134,6 +134,9 @@ def test_quick_demo_end_to_end(tmp_path: Path) -> None:
     ref = json.loads(v1.artifact("signal_reference.json").read_text())["signals"]
     assert len(ref["retrieval_similarity"]) == v1.provenance["n_heldout"] > 0
     assert all(0.0 <= x <= 1.0 for x in ref["retrieval_similarity"])
+    assert len(ref["answer_entropy"]) == v1.provenance["n_heldout"]  # the student's own answers
+    assert all(x >= 0.0 for x in ref["answer_entropy"])
+    assert result.after.meta["answer_entropy"] >= 0.0  # what the drift watch compares with it
     report = result.report
     assert report is not None and report.is_file()
     html = report.read_text()

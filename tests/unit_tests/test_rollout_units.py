@@ -16,6 +16,7 @@ from langchain_understudy.router.rollout import (
     LiveSummary,
     agreement,
     conversation_key,
+    drift_values,
     in_canary,
     psi,
     wilson_interval,
@@ -93,6 +94,18 @@ def test_drift_alarm_on_shift_not_on_same_distribution() -> None:
             break
     assert i < 150 and shifted.report()["alarm_signals"] == ["ood_distance"]
     assert psi(ref, ref) < 0.01
+
+
+def test_drift_watch_follows_answer_entropy_from_metadata_and_audit_records() -> None:
+    rng = random.Random(1)
+    monitor = DriftMonitor({"answer_entropy": [rng.uniform(0, 0.5) for _ in range(300)]})
+    for _ in range(200):  # the student grows unsure: its answers come from flatter distributions
+        meta = {"signals": {"ood_distance": 0.2}, "answer_entropy": rng.uniform(1.5, 3.0)}
+        monitor.observe(drift_values(meta))
+    monitor.observe(drift_values({"answer_entropy": None}))  # an escalated request: no answer
+    report = monitor.report()
+    assert report["alarm_signals"] == ["answer_entropy"]
+    assert report["signals"]["answer_entropy"]["n"] == 200
 
 
 def test_registry_rollout_state_is_checked(tmp_path: Path) -> None:
