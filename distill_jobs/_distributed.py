@@ -1,14 +1,17 @@
 """The job under ``torchrun`` / ``accelerate launch``: every rank trains, rank 0 does the rest.
 
-Each rank runs the same command. Rank 0 takes the job lock, relabels, picks the run folder and
-writes every file; all ranks build the same dataset from the same traces (deterministic) and train
-together through ``Trainer`` (DDP); after training only rank 0 exports, evaluates and registers.
+Each rank runs the same command. Rank 0 takes the job lock, relabels, picks the run folder,
+builds the dataset and writes every file; the other ranks read the run's ``dataset.jsonl`` (so
+``work_dir`` must be storage every rank sees, as on one machine or a shared volume), all ranks train
+together through ``Trainer`` (DDP), and after training only rank 0 exports, evaluates and
+registers.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 __all__ = ["Ranks", "ranks_from_env"]
 
@@ -30,7 +33,10 @@ class Ranks:
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            # rank 0 builds the dataset (facts, embeddings) while the others wait in a barrier
+            dist.init_process_group(
+                "nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=2)
+            )
 
     def share(self, value: str) -> str:
         """Rank 0's ``value`` on every rank (the run folder, chosen once)."""

@@ -712,6 +712,12 @@ class DistillJob:
             state = self._state(found)
             if "dataset" in state["done"] and (found / DATASET_FILE).is_file():
                 return _Run(found, state)
+            if state["done"]:  # stages done, but no dataset.jsonl: an older version's run
+                msg = (
+                    f"{found} was started by an older version of the job (no {DATASET_FILE}), "
+                    "so it cannot be resumed on the data it trained on; run without --resume"
+                )
+                raise ConfigError(msg)
         t0 = time.perf_counter()
         relabelled = self._relabel()  # before the traces are read: they include its answers
         relabel_s = time.perf_counter() - t0
@@ -751,13 +757,22 @@ class DistillJob:
         writes ``dataset.jsonl``; the other ranks wait, then read it.
         """
         ranks = self.ranks
+        failure: Exception | None = None
         if "dataset" not in run.state["done"] and ranks.main:
-            train, held, dropped = self._dataset(run.dir, run.traces)
-            save_examples(run.dir / DATASET_FILE, {"train": train, "heldout": held})
-            self._answer_space(train).save(run.dir / ANSWER_SPACE_FILE)
-            self._ood_index(run.dir, train)
-            run.state["dropped"] = dropped
-        ranks.wait()  # rank 0 has written the dataset the others read
+            try:
+                train, held, dropped = self._dataset(run.dir, run.traces)
+                save_examples(run.dir / DATASET_FILE, {"train": train, "heldout": held})
+                self._answer_space(train).save(run.dir / ANSWER_SPACE_FILE)
+                self._ood_index(run.dir, train)
+                run.state["dropped"] = dropped
+            except Exception as e:  # noqa: BLE001 - every rank must hear of it, then it is raised
+                failure = e
+        # rank 0 has written the dataset the others read, or tells them why it could not
+        why = ranks.share(f"{type(failure).__name__}: {failure}" if failure else "")
+        if failure is not None:
+            raise failure
+        if why:
+            raise ConfigError(f"rank 0 could not build the dataset ({why})")
         splits = load_examples(run.dir / DATASET_FILE)
         run.train, run.held = splits.get("train", []), splits.get("heldout", [])
         run.space = AnswerSpace.load(run.dir / ANSWER_SPACE_FILE)
@@ -935,8 +950,34 @@ class DistillJob:
         }
         (run.dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
         registry = StudentRegistry(self.config.registry)
-        version = registry.register(
-            run.files[serve_key],
+        version = state.get("registered")  # a resumed run that had registered before it stopped
+        if version is not None and version not in {v.version for v in registry.list()}:
+            version = None
+        if version is None:
+            version = self._register(registry, run, provenance, metrics, reference, ood)
+            state["registered"] = version
+            self._save_state(run.dir, state)
+        status: Literal["promoted", "registered", "rejected"]
+        if passed and self.config.gate.promote:
+            registry.promote(version)
+            status = "promoted"
+        else:
+            status = "rejected" if not passed else "registered"
+        state["finished"] = status
+        state["version"] = version
+        return JobResult(status, reason, run.dir, version, metrics, run.serving, timings)
+
+    def _register(
+        self,
+        registry: Any,
+        run: _Run,
+        provenance: dict[str, Any],
+        metrics: dict[str, Any],
+        reference: Path,
+        ood: Path,
+    ) -> str:
+        version: str = registry.register(
+            run.files[self._serve_key()],
             provenance,
             metrics,
             extra_files={
@@ -953,15 +994,7 @@ class DistillJob:
                 "heldout_eval.jsonl": run.dir / "heldout_eval.jsonl",
             },
         )
-        status: Literal["promoted", "registered", "rejected"]
-        if passed and self.config.gate.promote:
-            registry.promote(version)
-            status = "promoted"
-        else:
-            status = "rejected" if not passed else "registered"
-        state["finished"] = status
-        state["version"] = version
-        return JobResult(status, reason, run.dir, version, metrics, run.serving, timings)
+        return version
 
     def _eval_options(self, held: Sequence[Example]) -> dict[str, Any]:
         """``ChatStudent`` options for evaluating on the held-out set, as it will be served."""

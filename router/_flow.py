@@ -279,7 +279,8 @@ class RoutingFlow:
             yield from self._student_failed(draft)
             return
         entropy = draft.response_metadata.get("answer_entropy")
-        self.answer_entropy = float(entropy) if isinstance(entropy, int | float) else None
+        numeric = isinstance(entropy, int | float) and not isinstance(entropy, bool)
+        self.answer_entropy = float(entropy) if numeric else None
         if r.mode in ("cascade", "auto") and self.blocked is None:
             r.ctx.student_output = draft
             d = yield from self._score("cascade" if r.mode == "cascade" else "post")

@@ -83,9 +83,11 @@ class _ThreadPool:
         if cls._api is None:
             from pathlib import Path
 
-            import llama_cpp
+            import llama_cpp.llama_cpp as bindings
 
-            lib = Path(llama_cpp.__file__).parent / "lib"
+            # the folder of the libllama llama_cpp loaded (LLAMA_CPP_LIB_PATH may move it), so
+            # that ggml's functions come from the same copy as the context
+            lib = Path(bindings._lib._name).parent
             base = ctypes.CDLL(str(lib / "libggml-base.so"))
             cpu = ctypes.CDLL(str(lib / "libggml-cpu.so"))
             base.ggml_threadpool_params_default.restype = _ThreadPoolParams
@@ -463,8 +465,10 @@ class _Loop:
             total = float(weights.sum())
             log_total = math.log(total)
             logprob = float(shifted[token]) - log_total
-            # entropy of the next-token distribution: log Z - E[shifted logit]
-            entropy = max(0.0, log_total - float(weights @ shifted) / total)
+            # entropy of the next-token distribution: log Z - E[shifted logit]; a token ruled
+            # out with a logit of -inf has weight 0 and adds nothing (not 0 * -inf)
+            spread = float(np.dot(weights, np.where(weights > 0, shifted, 0.0)))
+            entropy = max(0.0, log_total - spread / total)
         end = bool(lib.llama_vocab_is_eog(self._vocab, token))
         gen.made += 1
         gen.last = token

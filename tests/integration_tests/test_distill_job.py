@@ -154,6 +154,31 @@ def test_crashed_run_leaves_serving_student_and_resumes_on_its_own_dataset(
     assert version.provenance["n_traces"] == n_traces
 
 
+def test_run_resumed_after_registering_does_not_register_twice(
+    job_dir: Path, first_run: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    TraceStore(job_dir / "traces.sqlite").import_jsonl(
+        _write_traces(job_dir / "more4.jsonl", color_traces(40, seed=4, start=40_000))
+    )
+    cfg = DistillConfig.from_toml(job_dir / "job.toml")
+    cfg.training.epochs = 1
+    cfg.gate.min_exact_match = 0.0
+    cfg.gate.min_improvement = -1.0  # the gate passes, so the job promotes after registering
+    reg = StudentRegistry(job_dir / "students")
+
+    def boom(self: StudentRegistry, version: str) -> None:
+        raise RuntimeError("simulated crash after registering")
+
+    monkeypatch.setattr(StudentRegistry, "promote", boom)
+    with pytest.raises(RuntimeError, match="after registering"):
+        DistillJob(cfg, progress=False).run()
+    registered = [v.version for v in reg.list()]
+    monkeypatch.undo()
+    result = DistillJob(cfg, progress=False).run(resume=True)
+    assert [v.version for v in reg.list()] == registered  # the same version, not a second one
+    assert result.version == registered[-1]
+
+
 def _state(run_dir: Path) -> dict:
     return json.loads((run_dir / "state.json").read_text())
 
