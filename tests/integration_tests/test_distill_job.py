@@ -35,6 +35,12 @@ def _write_traces(path: Path, traces: list[dict]) -> Path:
     return path
 
 
+def _more_traces(job_dir: Path, n: int, *, seed: int, start: int) -> None:
+    """Import ``n`` new colour traces into the job's store."""
+    f = _write_traces(job_dir / f"more{seed}.jsonl", color_traces(n, seed=seed, start=start))
+    TraceStore(job_dir / "traces.sqlite").import_jsonl(f)
+
+
 @pytest.fixture(scope="module")
 def job_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("job")
@@ -91,9 +97,7 @@ def test_rerun_without_new_traces_is_a_no_op(job_dir: Path, first_run: dict) -> 
 def test_gate_rejects_a_student_that_does_not_beat_the_serving_one(
     job_dir: Path, first_run: dict
 ) -> None:
-    TraceStore(job_dir / "traces.sqlite").import_jsonl(
-        _write_traces(job_dir / "more.jsonl", color_traces(40, seed=1, start=10_000))
-    )
+    _more_traces(job_dir, 40, seed=1, start=10_000)
     cfg = DistillConfig.from_toml(job_dir / "job.toml")
     cfg.gate.min_exact_match = 0.0
     cfg.gate.min_improvement = 0.5  # impossible: must beat serving by 50 points
@@ -116,9 +120,7 @@ def test_concurrent_run_exits_with_a_clear_message(job_dir: Path) -> None:
 def test_crashed_run_leaves_serving_student_and_resumes_on_its_own_dataset(
     job_dir: Path, first_run: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    TraceStore(job_dir / "traces.sqlite").import_jsonl(
-        _write_traces(job_dir / "more2.jsonl", color_traces(40, seed=2, start=20_000))
-    )
+    _more_traces(job_dir, 40, seed=2, start=20_000)
     cfg = DistillConfig.from_toml(job_dir / "job.toml")
     cfg.training.epochs = 1
     reg = StudentRegistry(job_dir / "students")
@@ -138,9 +140,7 @@ def test_crashed_run_leaves_serving_student_and_resumes_on_its_own_dataset(
     trained_s = _state(crashed)["timings_s"]["train"]
     n_traces = _state(crashed)["n_traces"]
     # traces that arrive after the crash belong to the next run, not to the resumed one
-    TraceStore(job_dir / "traces.sqlite").import_jsonl(
-        _write_traces(job_dir / "more3.jsonl", color_traces(30, seed=3, start=30_000))
-    )
+    _more_traces(job_dir, 30, seed=3, start=30_000)
     monkeypatch.undo()
     result = DistillJob(cfg, progress=False).run(resume=True)
     assert result.run_dir == crashed
@@ -157,9 +157,7 @@ def test_crashed_run_leaves_serving_student_and_resumes_on_its_own_dataset(
 def test_run_resumed_after_registering_does_not_register_twice(
     job_dir: Path, first_run: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    TraceStore(job_dir / "traces.sqlite").import_jsonl(
-        _write_traces(job_dir / "more4.jsonl", color_traces(40, seed=4, start=40_000))
-    )
+    _more_traces(job_dir, 40, seed=4, start=40_000)
     cfg = DistillConfig.from_toml(job_dir / "job.toml")
     cfg.training.epochs = 1
     cfg.gate.min_exact_match = 0.0
