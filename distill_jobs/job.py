@@ -695,7 +695,6 @@ class DistillJob:
         if self.ranks.main:
             run = self._pick_run(resume)
             if run is not None:  # written before the other ranks read it
-                run.state.setdefault("timings_s", {})
                 self._save_state(run.dir, run.state)
                 (run.dir / "config.json").write_text(self.config.model_dump_json(indent=2))
         shared = self.ranks.share(str(run.dir) if run is not None else "")
@@ -757,14 +756,15 @@ class DistillJob:
         writes ``dataset.jsonl``; the other ranks wait, then read it.
         """
         ranks = self.ranks
+        built = "dataset" not in run.state["done"] and ranks.main
         failure: Exception | None = None
-        if "dataset" not in run.state["done"] and ranks.main:
+        if built:
             try:
-                train, held, dropped = self._dataset(run.dir, run.traces)
-                save_examples(run.dir / DATASET_FILE, {"train": train, "heldout": held})
-                self._answer_space(train).save(run.dir / ANSWER_SPACE_FILE)
-                self._ood_index(run.dir, train)
-                run.state["dropped"] = dropped
+                run.train, run.held, run.state["dropped"] = self._dataset(run.dir, run.traces)
+                save_examples(run.dir / DATASET_FILE, {"train": run.train, "heldout": run.held})
+                run.space = self._answer_space(run.train)
+                run.space.save(run.dir / ANSWER_SPACE_FILE)
+                self._ood_index(run.dir, run.train)
             except Exception as e:  # noqa: BLE001 - every rank must hear of it, then it is raised
                 failure = e
         # rank 0 has written the dataset the others read, or tells them why it could not
@@ -773,9 +773,10 @@ class DistillJob:
             raise failure
         if why:
             raise ConfigError(f"rank 0 could not build the dataset ({why})")
-        splits = load_examples(run.dir / DATASET_FILE)
-        run.train, run.held = splits.get("train", []), splits.get("heldout", [])
-        run.space = AnswerSpace.load(run.dir / ANSWER_SPACE_FILE)
+        if not built:  # another rank, or a resumed run: the dataset as rank 0 wrote it
+            splits = load_examples(run.dir / DATASET_FILE)
+            run.train, run.held = splits.get("train", []), splits.get("heldout", [])
+            run.space = AnswerSpace.load(run.dir / ANSWER_SPACE_FILE)
 
     def _train_stage(self, run: _Run, resume: bool) -> None:
         from langchain_understudy.distill_jobs.training import TrainResult, plot_loss, train_student
@@ -829,7 +830,7 @@ class DistillJob:
             summaries = run.state["evaluation"]
             rows = [json.loads(ln) for ln in rows_file.read_text(encoding="utf-8").splitlines()]
             run.reports = {
-                q: EvalReport(**s, rows=rows if q == self._serve_key() else [])
+                q: EvalReport(**s, rows=rows if q == self.config.package.serve else [])
                 for q, s in summaries["by_quant"].items()
             }
             run.serving = summaries["serving"]
@@ -838,7 +839,7 @@ class DistillJob:
             q: self._evaluate(run.held, f"evaluate {q}", path, run.space)
             for q, path in run.files.items()
         }
-        _write_rows(rows_file, run.reports[self._serve_key()].rows)
+        _write_rows(rows_file, run.reports[self.config.package.serve].rows)
         serving = StudentRegistry(self.config.registry).current()
         run.serving = None
         if serving is not None:
@@ -871,10 +872,6 @@ class DistillJob:
         )
         return evaluate_student(student, held, progress=self.progress, desc=desc)
 
-    def _serve_key(self) -> str:
-        pkg = self.config.package
-        return pkg.dtype.upper() if pkg.serve.upper() == pkg.dtype.upper() else pkg.serve
-
     def _provenance_head(self, run: _Run) -> dict[str, Any]:
         s = run.state
         return {
@@ -890,7 +887,12 @@ class DistillJob:
         from langchain_understudy.students import StudentRegistry
 
         assert run.trained is not None and run.space is not None
-        serve_key, space, result, state = self._serve_key(), run.space, run.trained, run.state
+        serve_key, space, result, state = (
+            self.config.package.serve,
+            run.space,
+            run.trained,
+            run.state,
+        )
         candidate = run.reports[serve_key]
         passed, reason = self._gate(candidate.summary(), run.serving)
         ood = run.dir / "ood_index.npy"
@@ -950,12 +952,12 @@ class DistillJob:
         }
         (run.dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
         registry = StudentRegistry(self.config.registry)
-        version = state.get("registered")  # a resumed run that had registered before it stopped
+        version = state.get("version")  # a resumed run that had registered before it stopped
         if version is not None and version not in {v.version for v in registry.list()}:
             version = None
         if version is None:
             version = self._register(registry, run, provenance, metrics, reference, ood)
-            state["registered"] = version
+            state["version"] = version
             self._save_state(run.dir, state)
         status: Literal["promoted", "registered", "rejected"]
         if passed and self.config.gate.promote:
@@ -964,7 +966,6 @@ class DistillJob:
         else:
             status = "rejected" if not passed else "registered"
         state["finished"] = status
-        state["version"] = version
         return JobResult(status, reason, run.dir, version, metrics, run.serving, timings)
 
     def _register(
@@ -977,7 +978,7 @@ class DistillJob:
         ood: Path,
     ) -> str:
         version: str = registry.register(
-            run.files[self._serve_key()],
+            run.files[self.config.package.serve],
             provenance,
             metrics,
             extra_files={

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -138,6 +139,14 @@ def _run(args: argparse.Namespace) -> int:
         print(
             f"report: {result.run_dir / 'report.json'}  loss curve: {result.run_dir / 'loss.png'}"
         )
+    if job.ranks.world > 1:
+        # Under torchrun a rank whose work is done and written can still abort while the
+        # interpreter tears down native threads (gloo, torch): "terminate called without an
+        # active exception", seen now and then even after leaving the process group. The rank
+        # exits here instead, its output flushed.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
@@ -162,8 +171,12 @@ def _drift_trigger(args: argparse.Namespace, registry: Path) -> tuple[dict[str, 
         return None, f"drift unknown ({e})"
     judged = [r["psi"] for r in report["signals"].values() if r["psi"] is not None]
     if not report["alarm"]:
-        worst = f"max PSI {max(judged):.3f}" if judged else "too few live requests to judge"
-        return None, f"no drift on {report['version']} ({worst} < {report['alarm_psi']})"
+        if not judged:
+            return None, f"no drift on {report['version']} (too few live requests to judge)"
+        return None, (
+            f"no drift on {report['version']} (max PSI {max(judged):.3f}; an alarm needs PSI "
+            f">= {report['alarm_psi']} with KS beyond its 1% critical value)"
+        )
     at = datetime.now(UTC).isoformat(timespec="seconds")
     why = f"drift on {report['version']}: " + ", ".join(report["alarm_signals"])
     return {"kind": "drift", "at": at, "audit_log": str(audit), **report}, why

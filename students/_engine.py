@@ -465,9 +465,11 @@ class _Loop:
             total = float(weights.sum())
             log_total = math.log(total)
             logprob = float(shifted[token]) - log_total
-            # entropy of the next-token distribution: log Z - E[shifted logit]; a token ruled
-            # out with a logit of -inf has weight 0 and adds nothing (not 0 * -inf)
-            spread = float(np.dot(weights, np.where(weights > 0, shifted, 0.0)))
+            # entropy of the next-token distribution: log Z - E[shifted logit]
+            spread = float(weights @ shifted)
+            if not math.isfinite(spread):  # a logit of -inf: weight 0, it adds nothing
+                kept = weights > 0
+                spread = float(weights[kept] @ shifted[kept])
             entropy = max(0.0, log_total - spread / total)
         end = bool(lib.llama_vocab_is_eog(self._vocab, token))
         gen.made += 1

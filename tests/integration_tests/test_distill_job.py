@@ -98,10 +98,9 @@ def test_gate_rejects_a_student_that_does_not_beat_the_serving_one(
     job_dir: Path, first_run: dict
 ) -> None:
     _more_traces(job_dir, 40, seed=1, start=10_000)
-    cfg = DistillConfig.from_toml(job_dir / "job.toml")
+    cfg = _one_epoch(job_dir)
     cfg.gate.min_exact_match = 0.0
     cfg.gate.min_improvement = 0.5  # impossible: must beat serving by 50 points
-    cfg.training.epochs = 1
     result = DistillJob(cfg, progress=False).run()
     assert result.status == "rejected"
     assert "does not beat" in result.reason
@@ -120,19 +119,13 @@ def test_concurrent_run_exits_with_a_clear_message(job_dir: Path) -> None:
 def test_crashed_run_leaves_serving_student_and_resumes_on_its_own_dataset(
     job_dir: Path, first_run: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _more_traces(job_dir, 40, seed=2, start=20_000)
-    cfg = DistillConfig.from_toml(job_dir / "job.toml")
-    cfg.training.epochs = 1
-    reg = StudentRegistry(job_dir / "students")
-    before = reg.current_version()
     import langchain_understudy.distill_jobs.evaluation as evaluation
 
-    def boom(*a: object, **k: object) -> None:
-        raise RuntimeError("simulated crash during evaluation")
-
-    monkeypatch.setattr(evaluation, "evaluate_student", boom)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        DistillJob(cfg, progress=False).run()
+    _more_traces(job_dir, 40, seed=2, start=20_000)
+    cfg = _one_epoch(job_dir)
+    reg = StudentRegistry(job_dir / "students")
+    before = reg.current_version()
+    _run_crashing(cfg, monkeypatch, evaluation, "evaluate_student")
     assert reg.current_version() == before
     (crashed,) = [r for r in Path(cfg.work_dir).glob("colors-*") if "finished" not in _state(r)]
     assert _state(crashed)["done"] == ["dataset", "train", "package"]
@@ -141,7 +134,6 @@ def test_crashed_run_leaves_serving_student_and_resumes_on_its_own_dataset(
     n_traces = _state(crashed)["n_traces"]
     # traces that arrive after the crash belong to the next run, not to the resumed one
     _more_traces(job_dir, 30, seed=3, start=30_000)
-    monkeypatch.undo()
     result = DistillJob(cfg, progress=False).run(resume=True)
     assert result.run_dir == crashed
     assert result.status in {"promoted", "rejected"}
@@ -158,23 +150,37 @@ def test_run_resumed_after_registering_does_not_register_twice(
     job_dir: Path, first_run: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _more_traces(job_dir, 40, seed=4, start=40_000)
-    cfg = DistillConfig.from_toml(job_dir / "job.toml")
-    cfg.training.epochs = 1
+    cfg = _one_epoch(job_dir)
     cfg.gate.min_exact_match = 0.0
     cfg.gate.min_improvement = -1.0  # the gate passes, so the job promotes after registering
     reg = StudentRegistry(job_dir / "students")
-
-    def boom(self: StudentRegistry, version: str) -> None:
-        raise RuntimeError("simulated crash after registering")
-
-    monkeypatch.setattr(StudentRegistry, "promote", boom)
-    with pytest.raises(RuntimeError, match="after registering"):
-        DistillJob(cfg, progress=False).run()
+    before = [v.version for v in reg.list()]
+    _run_crashing(cfg, monkeypatch, StudentRegistry, "promote")
     registered = [v.version for v in reg.list()]
-    monkeypatch.undo()
+    assert len(registered) == len(before) + 1  # it had registered when it stopped
     result = DistillJob(cfg, progress=False).run(resume=True)
     assert [v.version for v in reg.list()] == registered  # the same version, not a second one
     assert result.version == registered[-1]
+
+
+def _one_epoch(job_dir: Path) -> DistillConfig:
+    cfg = DistillConfig.from_toml(job_dir / "job.toml")
+    cfg.training.epochs = 1
+    return cfg
+
+
+def _run_crashing(
+    cfg: DistillConfig, monkeypatch: pytest.MonkeyPatch, target: object, name: str
+) -> None:
+    """Run the job with ``target.name`` raising, as a crash at that point would stop it."""
+
+    def boom(*a: object, **k: object) -> None:
+        raise RuntimeError(f"simulated crash in {name}")
+
+    monkeypatch.setattr(target, name, boom)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        DistillJob(cfg, progress=False).run()
+    monkeypatch.undo()
 
 
 def _state(run_dir: Path) -> dict:
