@@ -167,3 +167,64 @@ def cached_minilm(cache_file: Path, texts: list[str]) -> object:
             emb.embed_documents(todo[i : i + 512])
         np.savez(cache_file, texts=np.array(list(table)), vectors=np.stack(list(table.values())))
     return emb
+
+
+def checkpoint_curve(
+    run_dir: Path,
+    make_student: Any,
+    examples: list[Any],
+    *,
+    quant: str = "Q8_0",
+    desc: str = "checkpoint",
+) -> list[dict[str, Any]]:
+    """Exact match of every kept training checkpoint of a job run, by training minutes.
+
+    Each checkpoint (``[training] save_every_minutes``, ``keep_checkpoints``) is exported to GGUF
+    and quantized as the job's package stage does, then served by ``make_student(gguf_path)``
+    (the registered student's exemplars and answer space, another file) on ``examples``.
+    """
+    from langchain_understudy.distill_jobs.evaluation import evaluate_student
+    from langchain_understudy.distill_jobs.training import training_checkpoints
+    from langchain_understudy.students import export_gguf, quantize_gguf
+
+    points = []
+    for step, seconds, ckpt in training_checkpoints(run_dir / "train"):
+        if seconds is None:
+            continue
+        f16 = export_gguf(ckpt, run_dir / f"curve-{step}.f16.gguf")
+        gguf = quantize_gguf(f16, run_dir / f"curve-{step}.{quant}.gguf", quant)
+        f16.unlink()
+        rep = evaluate_student(make_student(gguf), examples, desc=f"{desc} {seconds / 60:.1f} min")
+        points.append({"step": step, "train_minutes": seconds / 60, "exact_match": rep.exact_match})
+        gguf.unlink()
+        print(f"checkpoint {step}: {seconds / 60:.1f} min, exact match {rep.exact_match:.4f}")
+    return points
+
+
+def plot_curve(
+    path: Path, curves: dict[str, list[dict[str, Any]]], baselines: dict[str, float], title: str
+) -> Path:
+    """Accuracy against training minutes, one line per student, dashed lines for baselines."""
+    from langchain_understudy._extras import pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=100)
+    for name, points in curves.items():
+        ax.plot(
+            [p["train_minutes"] for p in points],
+            [p["exact_match"] for p in points],
+            marker="o",
+            label=name,
+        )
+    for name, value in baselines.items():
+        ax.axhline(value, ls="--", lw=1, color="grey")
+        ax.annotate(name, (0, value), textcoords="offset points", xytext=(2, 3), fontsize=8)
+    ax.set_xlabel("CPU training minutes (2 threads)")
+    ax.set_ylabel("test exact match")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

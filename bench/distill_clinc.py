@@ -26,8 +26,10 @@ from typing import Any
 
 from _common import (
     cached_minilm,
+    checkpoint_curve,
     clinc_conversation,
     machine,
+    plot_curve,
     require_data,
     save,
     table,
@@ -72,6 +74,10 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true", help="continue the last interrupted run")
     ap.add_argument("--eval-threads", type=int, default=None, help="llama.cpp threads (evaluation)")
     ap.add_argument("--multi-turn", type=float, default=0.0, help="share of multi-turn traces")
+    ap.add_argument("--order", choices=["vote", "similarity"], default="vote", help="exemplars")
+    ap.add_argument(
+        "--curve-minutes", type=float, default=None, help="checkpoint (and evaluate) every M min"
+    )
     args = ap.parse_args()
 
     from langchain_core.messages import HumanMessage
@@ -121,6 +127,8 @@ def main() -> None:
     if args.keep_layers:
         student["keep_layers"] = args.keep_layers
     training = {**recipe["training"], "max_minutes": args.minutes, "threads": args.threads}
+    if args.curve_minutes:
+        training |= {"save_every_minutes": args.curve_minutes, "keep_checkpoints": None}
     if args.lr:
         training["learning_rate"] = args.lr
     cfg = DistillConfig(
@@ -130,7 +138,7 @@ def main() -> None:
         work_dir=work / "runs",
         heldout_fraction=args.heldout,
         skip_if_no_new_traces=False,
-        exemplars={"k": args.k, "distinct_by": "answer"},
+        exemplars={"k": args.k, "distinct_by": "answer", "order": args.order},
         student=student,
         training=training,
         package={
@@ -155,36 +163,51 @@ def main() -> None:
     version = reg.get(result.version or "")
     run_dir = Path(version.provenance["run_dir"])
     rows, per_quant = [], {}
-    shown_right = 0
-    for quant in ("Q8_0", "Q4_K_M"):
-        gguf = run_dir / f"student.{quant}.gguf"
+
+    def student_for(gguf: Path, closed: bool = True) -> ChatStudent:
         st = ChatStudent.from_version(
             version,
             embeddings=emb,
             n_ctx=recipe["n_ctx"],
             max_tokens=16,
             n_threads=args.eval_threads or args.threads,
-        ).model_copy(update={"model_path": gguf})
-        if quant == "Q8_0":
-            assert st.exemplars is not None
-            shown_right = sum(
-                any(e.answer == ex.answer for e in st.exemplars.for_messages(ex.messages))
-                for ex in examples
-            )
-        rep = evaluate_student(st, examples, desc=f"CLINC test {quant}")
-        per_quant[quant] = {**rep.summary(), "file_mb": gguf.stat().st_size / 1e6}
+        )
+        return st.model_copy(
+            update={"model_path": gguf, **({} if closed else {"answer_space": None})}
+        )
+
+    st = student_for(run_dir / "student.Q8_0.gguf")
+    assert st.exemplars is not None
+    shown = [st.exemplars.for_messages(ex.messages) for ex in examples]
+    shown_right = sum(
+        any(e.answer == ex.answer for e in s) for s, ex in zip(shown, examples, strict=True)
+    )
+    first_right = sum(
+        bool(s) and s[0].answer == ex.answer for s, ex in zip(shown, examples, strict=True)
+    )
+    arms = [("Q8_0", True), ("Q4_K_M", True), ("Q8_0", False)]
+    for quant, closed in arms:
+        gguf = run_dir / f"student.{quant}.gguf"
+        name = quant if closed else f"{quant}, answer space off"
+        rep = evaluate_student(student_for(gguf, closed), examples, desc=f"CLINC test {name}")
+        per_quant[name] = {**rep.summary(), "file_mb": gguf.stat().st_size / 1e6}
         rows.append(
             [
-                quant,
+                name,
                 f"{rep.exact_match:.4f}",
                 f"{rep.latency_ms_p50:.1f}",
                 f"{rep.latency_ms_p95:.1f}",
                 f"{gguf.stat().st_size / 1e6:.1f}",
             ]
         )
-        (work / f"test_rows_{quant}.jsonl").write_text(
+        (work / f"test_rows_{name.replace(', ', '_').replace(' ', '_')}.jsonl").write_text(
             "".join(json.dumps(r) + "\n" for r in rep.rows)
         )
+    curve = (
+        checkpoint_curve(run_dir, student_for, examples, desc="CLINC checkpoint")
+        if args.curve_minutes
+        else []
+    )
 
     # 4. nearest-neighbour baselines over the same embeddings and the same test queries
     import numpy as np
@@ -218,6 +241,9 @@ def main() -> None:
             + (f" --lr {args.lr:g}" if args.lr else "")
             + (f" --limit-test {args.limit_test}" if args.limit_test else "")
             + (f" --eval-threads {args.eval_threads}" if args.eval_threads else "")
+            + f" --heldout {args.heldout:g} --order {args.order}"
+            + (f" --curve-minutes {args.curve_minutes:g}" if args.curve_minutes else "")
+            + (f" --multi-turn {args.multi_turn:g}" if args.multi_turn else "")
         ),
         "machine": machine(),
         "train_minutes_budget": args.minutes,
@@ -234,14 +260,28 @@ def main() -> None:
             "nn_top1": nn1 / n_test,
             "weighted_vote_30nn": wknn / n_test,
             f"answer_among_{args.k}_exemplars": shown_right / n_test,
+            "first_exemplar": first_right / n_test,
         },
+        "curve": curve,
+        "time_to_parity_minutes": next(
+            (p["train_minutes"] for p in curve if p["exact_match"] > wknn / n_test), None
+        ),
         "student_version": result.version,
         "run_dir": str(run_dir),
         "wall_seconds": time.perf_counter() - t0,
     }
     print(table(["quant", "test exact match", "p50 ms", "p95 ms", "MB"], rows))
     print(table(["baseline", "accuracy"], [[k, f"{v:.4f}"] for k, v in out["baselines"].items()]))
-    print(f"wrote {save(f'distill_clinc_{args.recipe}', out)}")
+    name = f"distill_clinc_{args.recipe}"
+    if curve:
+        png = plot_curve(
+            Path("bench/results") / f"{name}_curve.png",
+            {f"{args.recipe} student, Q8_0": curve},
+            {"weighted 30-NN vote": wknn / n_test},
+            f"CLINC150, {n_test} test queries",
+        )
+        print(f"wrote {png}")
+    print(f"wrote {save(name, out)}")
 
 
 if __name__ == "__main__":

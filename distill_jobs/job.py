@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -146,6 +147,13 @@ class TrainingSection(_Section):
     """Examples per step (per device)."""
     save_every: int = Field(default=200, ge=1)
     """Checkpoint interval in steps (for ``--resume``)."""
+    save_every_minutes: float | None = Field(default=None, gt=0)
+    """Also checkpoint every this many minutes of training. Each checkpoint records its step
+    and training seconds (``understudy_checkpoint.json``) and holds the tokenizer, so it exports
+    on its own (``training_checkpoints``: learning curves by time)."""
+    keep_checkpoints: int | None = Field(default=2, ge=1)
+    """Newest checkpoints kept while training (deleted once the student is registered);
+    ``None``: keep every one, also after the run."""
     seed: int = 0
     """Seed for initialisation and data order."""
     threads: int | None = Field(default=None, ge=1)
@@ -212,6 +220,19 @@ class ExemplarSection(_Section):
     distinct_by: Literal["answer"] | None = "answer"
     """``"answer"``: ``k`` different answers (the most similar request for each);
     ``None``: the ``k`` most similar requests, repeats allowed."""
+    order: Literal["similarity", "vote"] = "similarity"
+    """``"similarity"``: the answer of the closest request first. ``"vote"`` (with distinct
+    answers): first the answer whose requests have the largest summed similarity among the
+    ``vote_k`` nearest, a weighted kNN vote, for label-like answers many requests share
+    (intents, routes); where the answer is read from the request itself, the closest request's
+    answer is the better hint."""
+    vote_k: int = Field(default=30, ge=1, le=1024)
+    """Nearest past requests that vote with ``order = "vote"``."""
+
+    @property
+    def vote_neighbours(self) -> int | None:
+        """``vote_k`` when answers are ranked by vote, else ``None`` (similarity order)."""
+        return self.vote_k if self.order == "vote" and self.distinct_by == "answer" else None
 
 
 class RelabelSection(_Section):
@@ -559,12 +580,12 @@ class DistillJob:
             [ex.key for ex in train],
             self._train_vectors,
         )
-        distinct = cfg.distinct_by == "answer"
-        found = memory.search(
-            self._train_vectors, k=cfg.k, distinct=distinct, exclude_keys=[ex.key for ex in train]
+        search = functools.partial(
+            memory.search, k=cfg.k, distinct=cfg.distinct_by == "answer", vote_k=cfg.vote_neighbours
         )
+        found = search(self._train_vectors, exclude_keys=[ex.key for ex in train])
         if held:
-            found += memory.search(self._embed_queries(held), k=cfg.k, distinct=distinct)
+            found += search(self._embed_queries(held))
         for ex, exemplars in zip([*train, *held], found, strict=True):
             ex.exemplars = exemplars
             ex.render(self.config.system)
@@ -582,6 +603,8 @@ class DistillJob:
             learning_rate=t.learning_rate or (1e-4 if s.pretrained and s.lora is None else 1e-3),
             batch_size=t.batch_size,
             save_every=t.save_every,
+            save_every_minutes=t.save_every_minutes,
+            keep_checkpoints=t.keep_checkpoints,
             seed=t.seed,
             threads=t.threads,
             vocab_size=s.vocab_size,
@@ -681,7 +704,8 @@ class DistillJob:
             self._evaluate_stage(run)
         with self._stage(run, "register"):
             result = self._register_stage(run, trigger, started)
-        shutil.rmtree(run.dir / "train" / "checkpoints", ignore_errors=True)
+        if self.config.training.keep_checkpoints is not None:
+            shutil.rmtree(run.dir / "train" / "checkpoints", ignore_errors=True)
         return result
 
     # -- the run's stages, in order; each records itself in state.json (``done``, ``timings_s``)

@@ -64,6 +64,8 @@ class TrainSettings:
     warmup_ratio: float = 0.03
     weight_decay: float = 0.01
     save_every: int = 200
+    save_every_minutes: float | None = None
+    keep_checkpoints: int | None = 2
     seed: int = 0
     vocab_size: int = 4096
     size: ScratchSize = field(default_factory=ScratchSize)
@@ -336,12 +338,37 @@ def train_student(
             p = max(p, (time.monotonic() - start) / budget_s)
         return min(1.0, p)
 
+    ckpts = sorted(
+        (out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])
+    )
+    resume_from = ckpts[-1] if resume and ckpts else None
+    # training seconds before this process: a resumed run's checkpoints keep counting from there
+    before_s = (checkpoint_seconds(resume_from) or 0.0) if resume_from else 0.0
+    every_s = settings.save_every_minutes * 60 if settings.save_every_minutes else None
+    next_save_s = [every_s]
+
     class _Budget(TrainerCallback):
+        """Stop at the time budget; checkpoint every ``save_every_minutes`` too."""
+
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> Any:
-            if budget_s and time.monotonic() - start >= budget_s:
+            elapsed = time.monotonic() - start
+            if budget_s and elapsed >= budget_s:
                 control.should_training_stop = True
                 control.should_save = True
+            due = next_save_s[0]
+            if due is not None and every_s is not None and before_s + elapsed >= due:
+                control.should_save = True
+                next_save_s[0] = (math.floor((before_s + elapsed) / every_s) + 1) * every_s
             return control
+
+        def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            # each checkpoint says how long it trained and can be exported on its own
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if state.is_world_process_zero and ckpt.is_dir():
+                seconds = before_s + time.monotonic() - start
+                info = {"train_seconds": seconds, "step": state.global_step}
+                (ckpt / CHECKPOINT_INFO_FILE).write_text(json.dumps(info))
+                _copy_tokenizer_metadata(settings, ckpt)
 
     class _Progress(TrainerCallback):
         """One bar: steps, examples per second, loss and the time left in the budget."""
@@ -412,7 +439,7 @@ def train_student(
         weight_decay=settings.weight_decay,
         logging_steps=max(1, min(50, total // 50)),
         save_steps=settings.save_every,
-        save_total_limit=2,
+        save_total_limit=settings.keep_checkpoints,
         report_to=[],
         seed=settings.seed,
         dataloader_num_workers=0,
@@ -424,16 +451,14 @@ def train_student(
     trainer = _Trainer(
         model=model,
         args=args,
+        processing_class=tok,  # every checkpoint carries the tokenizer: each one exports
         train_dataset=data,
         data_collator=lambda feats: pad_batch(feats, pad_id),
         callbacks=[_Budget(), _Progress()],
     )
     n_params = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    ckpts = sorted(
-        (out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])
-    )
-    trainer.train(resume_from_checkpoint=str(ckpts[-1]) if resume and ckpts else None)
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     final = out / "final"
     main = trainer.is_world_process_zero()  # under DDP only rank 0 writes the checkpoint
     if main:
@@ -448,13 +473,8 @@ def train_student(
         trainer.save_model(str(final))
     if main:
         tok.save_pretrained(str(final))
-    if main and settings.base_checkpoint:
-        # a GGUF base's own tokenizer metadata travels with the checkpoint to the export
-        from langchain_understudy.students.export import TOKENIZER_METADATA_FILE
-
-        meta = Path(settings.base_checkpoint) / TOKENIZER_METADATA_FILE
-        if meta.is_file():
-            shutil.copy2(meta, final / TOKENIZER_METADATA_FILE)
+    if main:
+        _copy_tokenizer_metadata(settings, final)
     losses = [(int(r["step"]), float(r["loss"])) for r in trainer.state.log_history if "loss" in r]
     result = TrainResult(
         checkpoint_dir=final,
@@ -471,6 +491,43 @@ def train_student(
     if main:
         result.save(out)
     return result
+
+
+#: Written into every checkpoint folder: its step and the training seconds it took to get there.
+CHECKPOINT_INFO_FILE = "understudy_checkpoint.json"
+
+
+def _copy_tokenizer_metadata(settings: TrainSettings, folder: Path) -> None:
+    """A GGUF base's own tokenizer metadata travels with a checkpoint to the export."""
+    from langchain_understudy.students.export import TOKENIZER_METADATA_FILE
+
+    if settings.base_checkpoint:
+        meta = Path(settings.base_checkpoint) / TOKENIZER_METADATA_FILE
+        if meta.is_file():
+            shutil.copy2(meta, folder / TOKENIZER_METADATA_FILE)
+
+
+def checkpoint_seconds(checkpoint: str | os.PathLike[str]) -> float | None:
+    """Training seconds recorded in a checkpoint folder (``None``: not recorded)."""
+    try:
+        info = json.loads((Path(checkpoint) / CHECKPOINT_INFO_FILE).read_text())
+        return float(info["train_seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def training_checkpoints(out_dir: str | os.PathLike[str]) -> list[tuple[int, float | None, Path]]:
+    """The kept checkpoints of a training folder as ``(step, train_seconds, path)``, by step.
+
+    Each one holds the weights and the tokenizer, so :func:`~langchain_understudy.students.
+    export_gguf` turns it into a GGUF file (learning curves: evaluate every checkpoint; a
+    LoRA run's checkpoints hold adapters only).
+    """
+    found = []
+    for p in Path(out_dir).glob("checkpoints/checkpoint-*"):
+        if p.name.split("-")[1].isdigit():
+            found.append((int(p.name.split("-")[1]), checkpoint_seconds(p), p))
+    return sorted(found, key=lambda t: t[0])
 
 
 def plot_loss(

@@ -35,6 +35,8 @@ train_layers = 8                        # train the top 8 of its 30 blocks (fast
 [exemplars]                             # the job indexes its own training traces: every prompt
 k = 4                                   # shows the k most similar past teacher answers,
 distinct_by = "answer"                  # k different ones, never the example's own
+# order = "vote"                        # labels (intents, routes): the answer most of the 30
+                                        # nearest requests back comes first, not the closest's
 
 # [knowledge]                           # current facts from a knowledge store (`understudy kb`)
 # path = ".understudy/knowledge"

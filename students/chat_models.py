@@ -314,11 +314,16 @@ class ChatStudent(BaseChatModel):
                 )
                 raise ConfigError(msg)
             memory = ExemplarMemory.load(*(version.artifact(f) for f in EXEMPLAR_FILES))
+            distinct = settings.get("distinct_by", "answer") == "answer"
             kwargs["exemplars"] = ExemplarRetriever(
                 memory,
                 embeddings.embed_query,
                 k=int(settings.get("k", 4)),
-                distinct=settings.get("distinct_by", "answer") == "answer",
+                distinct=distinct,
+                # versions registered before vote ordering have no "order": similarity
+                vote_k=int(settings.get("vote_k", 30))
+                if distinct and settings.get("order") == "vote"
+                else None,
             )
         if "answer_space" not in kwargs and ANSWER_SPACE_FILE in version.files:
             kwargs["answer_space"] = AnswerSpace.load(version.artifact(ANSWER_SPACE_FILE))
