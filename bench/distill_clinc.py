@@ -74,6 +74,7 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true", help="continue the last interrupted run")
     ap.add_argument("--eval-threads", type=int, default=None, help="llama.cpp threads (evaluation)")
     ap.add_argument("--multi-turn", type=float, default=0.0, help="share of multi-turn traces")
+    ap.add_argument("--name", default=None, help="results name (default distill_clinc_<recipe>)")
     ap.add_argument("--order", choices=["vote", "similarity"], default="vote", help="exemplars")
     ap.add_argument(
         "--curve-minutes", type=float, default=None, help="checkpoint (and evaluate) every M min"
@@ -272,7 +273,7 @@ def main() -> None:
     }
     print(table(["quant", "test exact match", "p50 ms", "p95 ms", "MB"], rows))
     print(table(["baseline", "accuracy"], [[k, f"{v:.4f}"] for k, v in out["baselines"].items()]))
-    name = f"distill_clinc_{args.recipe}"
+    name = args.name or f"distill_clinc_{args.recipe}"
     if curve:
         png = plot_curve(
             Path("bench/results") / f"{name}_curve.png",
