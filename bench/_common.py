@@ -176,12 +176,14 @@ def checkpoint_curve(
     *,
     quant: str = "Q8_0",
     desc: str = "checkpoint",
+    save_every: int | None = None,
 ) -> list[dict[str, Any]]:
     """Exact match of every kept training checkpoint of a job run, by training minutes.
 
     Each checkpoint (``[training] save_every_minutes``, ``keep_checkpoints``) is exported to GGUF
     and quantized as the job's package stage does, then served by ``make_student(gguf_path)``
     (the registered student's exemplars and answer space, another file) on ``examples``.
+    Checkpoints at multiples of ``save_every`` (the step-interval ones) are left out.
     """
     from langchain_understudy.distill_jobs.evaluation import evaluate_student
     from langchain_understudy.distill_jobs.training import training_checkpoints
@@ -189,7 +191,7 @@ def checkpoint_curve(
 
     points = []
     for step, seconds, ckpt in training_checkpoints(run_dir / "train"):
-        if seconds is None:
+        if seconds is None or (save_every and step % save_every == 0):
             continue
         f16 = export_gguf(ckpt, run_dir / f"curve-{step}.f16.gguf")
         gguf = quantize_gguf(f16, run_dir / f"curve-{step}.{quant}.gguf", quant)

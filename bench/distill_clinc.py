@@ -63,7 +63,7 @@ def main() -> None:
     ap.add_argument("--recipe", choices=sorted(RECIPES), default="pretrained")
     ap.add_argument("--minutes", type=float, default=20.0, help="training time budget")
     ap.add_argument("--work", type=Path, default=None, help="default bench/out/clinc-<recipe>")
-    ap.add_argument("--k", type=int, default=5, help="exemplars per prompt")
+    ap.add_argument("--k", type=int, default=5, help="exemplars per prompt (0: no [exemplars])")
     ap.add_argument("--train-layers", type=int, default=None, help="pretrained: top N blocks")
     ap.add_argument("--keep-layers", type=int, default=None, help="pretrained: bottom N blocks")
     ap.add_argument("--lr", type=float, default=None, help="peak learning rate")
@@ -129,7 +129,7 @@ def main() -> None:
         student["keep_layers"] = args.keep_layers
     training = {**recipe["training"], "max_minutes": args.minutes, "threads": args.threads}
     if args.curve_minutes:
-        training |= {"save_every_minutes": args.curve_minutes, "keep_checkpoints": None}
+        training |= {"save_every_minutes": args.curve_minutes, "keep_checkpoints": 0}
     if args.lr:
         training["learning_rate"] = args.lr
     cfg = DistillConfig(
@@ -139,7 +139,7 @@ def main() -> None:
         work_dir=work / "runs",
         heldout_fraction=args.heldout,
         skip_if_no_new_traces=False,
-        exemplars={"k": args.k, "distinct_by": "answer", "order": args.order},
+        exemplars={"k": args.k, "distinct_by": "answer", "order": args.order} if args.k else None,
         student=student,
         training=training,
         package={
@@ -178,8 +178,7 @@ def main() -> None:
         )
 
     st = student_for(run_dir / "student.Q8_0.gguf")
-    assert st.exemplars is not None
-    shown = [st.exemplars.for_messages(ex.messages) for ex in examples]
+    shown = [st.exemplars.for_messages(ex.messages) if st.exemplars else [] for ex in examples]
     shown_right = sum(
         any(e.answer == ex.answer for e in s) for s, ex in zip(shown, examples, strict=True)
     )
@@ -205,7 +204,13 @@ def main() -> None:
             "".join(json.dumps(r) + "\n" for r in rep.rows)
         )
     curve = (
-        checkpoint_curve(run_dir, student_for, examples, desc="CLINC checkpoint")
+        checkpoint_curve(
+            run_dir,
+            student_for,
+            examples,
+            desc="CLINC checkpoint",
+            save_every=recipe["training"]["save_every"],
+        )
         if args.curve_minutes
         else []
     )

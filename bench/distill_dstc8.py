@@ -1,11 +1,14 @@
 """DSTC8 slot extraction (Buses_1 + Events_1): the teacher answers a JSON object of slot → value.
 
-One from-scratch student for both domains; the system line names the domain and the slots the
-assistant asked for. The same student is evaluated three ways: under the answer schema the job
-inferred from the traces (registered with the student; nothing hand-written), under a hand-written
-schema per domain, and with no grammar at all. Scored by exact match of the parsed object.
+One student for both domains (``--recipe scratch``: a ~1 M-parameter llama trained from nothing;
+``pretrained``: SmolLM2-135M-Instruct, the bundled base); the system line names the domain and the
+slots the assistant asked for; ``--k`` adds the job's exemplar memory. The same student is
+evaluated up to three ways: under the answer schema the job inferred from the traces (registered
+with the student; nothing hand-written), under a hand-written schema per domain, and with no
+grammar at all. Scored by exact match of the parsed object.
 
     .venv/bin/python bench/distill_dstc8.py [--minutes 8]
+    .venv/bin/python bench/distill_dstc8.py --recipe pretrained --minutes 20 --arms inferred
 """
 
 from __future__ import annotations
@@ -17,9 +20,28 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import machine, require_data, save, table, write_traces
+from _common import cached_minilm, machine, require_data, save, table, write_traces
 
 DOMAINS = ("Buses_1", "Events_1")
+ARMS = ("inferred", "hand-written", "no grammar")
+RECIPES: dict[str, dict[str, Any]] = {
+    "scratch": {
+        "student": {
+            "hidden": 128,
+            "layers": 4,
+            "heads": 4,
+            "kv_heads": 2,
+            "ffn": 384,
+            "context": 256,
+            "vocab_size": 2048,
+        },
+        "training": {"epochs": 40, "batch_size": 32, "learning_rate": 2e-3, "save_every": 500},
+    },
+    "pretrained": {
+        "student": {"base": "smollm2-135m-instruct", "train_layers": 8},
+        "training": {"epochs": 6, "batch_size": 16, "save_every": 100, "group_by_length": True},
+    },
+}
 
 
 def _example(domain: str, item: dict[str, Any]) -> tuple[list[dict[str, str]], str, dict[str, Any]]:
@@ -47,6 +69,10 @@ def main() -> None:
     )
     ap.add_argument("--resume", action="store_true", help="continue the last interrupted job run")
     ap.add_argument("--eval-threads", type=int, default=None, help="llama.cpp threads (evaluation)")
+    ap.add_argument("--recipe", choices=sorted(RECIPES), default="scratch")
+    ap.add_argument("--k", type=int, default=0, help="exemplars per prompt (0: no [exemplars])")
+    ap.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS), help="schemas")
+    ap.add_argument("--name", default="distill_dstc8", help="results name")
     args = ap.parse_args()
 
     from langchain_core.messages import HumanMessage, SystemMessage
@@ -81,35 +107,35 @@ def main() -> None:
         work_dir=work / "runs",
         heldout_fraction=0.05,
         skip_if_no_new_traces=False,
-        student={
-            "hidden": 128,
-            "layers": 4,
-            "heads": 4,
-            "kv_heads": 2,
-            "ffn": 384,
-            "context": 256,
-            "vocab_size": 2048,
-        },
+        student=RECIPES[args.recipe]["student"],
         training={
-            "epochs": 40,
+            **RECIPES[args.recipe]["training"],
             "max_minutes": args.minutes,
-            "batch_size": 32,
-            "learning_rate": 2e-3,
-            "save_every": 500,
             "threads": args.threads,
         },
+        exemplars={"k": args.k, "distinct_by": "answer"} if args.k else None,
         package={"quant_types": ["Q8_0"], "serve": "Q8_0", "eval_threads": args.eval_threads},
     )
-    result = DistillJob(cfg).run(resume=args.resume)
+    embeddings = None
+    if args.k:
+        queries = [m[-1]["content"] for m, _, _ in train] + [
+            m[-1]["content"] for d in DOMAINS for m, _, _ in test[d]
+        ]
+        embeddings = cached_minilm(Path("bench/out/dstc8_minilm_cache.npz"), queries)
+    result = DistillJob(cfg, embeddings=embeddings).run(resume=args.resume)
     print(f"job: {result.status} {result.version} ({result.reason})")
     version = StudentRegistry(cfg.registry).get(result.version or "")
     inferred = ChatStudent.from_version(
-        version, n_ctx=256, max_tokens=96, n_threads=args.eval_threads or args.threads
+        version,
+        embeddings=embeddings,
+        n_ctx=512 if args.k else 256,
+        max_tokens=96,
+        n_threads=args.eval_threads or args.threads,
     )
     assert inferred.answer_space is not None and inferred.answer_space.kind == "json"
     free = inferred.model_copy(update={"answer_space": None})
     rows, per_arm = [], {}
-    for arm in ("inferred", "hand-written", "no grammar"):
+    for arm in args.arms:
         per_domain: dict[str, Any] = {}
         for d in DOMAINS:
             hand = {
@@ -159,8 +185,11 @@ def main() -> None:
         "teacher": "gold slot spans stand in for the teacher's JSON answers",
         "command": (
             f"python bench/distill_dstc8.py --minutes {args.minutes:g} --threads {args.threads}"
-            f" --eval-threads {args.eval_threads}"
+            f" --eval-threads {args.eval_threads} --recipe {args.recipe} --k {args.k}"
+            f" --arms {' '.join(repr(a) if ' ' in a else a for a in args.arms)}"
         ),
+        "recipe": args.recipe,
+        "exemplars_k": args.k,
         "machine": machine(),
         "train_threads": args.threads,
         "train_seconds": result.metrics.get("train_seconds"),
@@ -176,7 +205,7 @@ def main() -> None:
     print(table(head, rows))
     for arm, r in per_arm.items():
         print(f"{arm}: overall exact match {r['overall_exact_match']:.4f}")
-    print(f"wrote {save('distill_dstc8', out)}")
+    print(f"wrote {save(args.name, out)}")
 
 
 if __name__ == "__main__":

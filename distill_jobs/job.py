@@ -151,9 +151,9 @@ class TrainingSection(_Section):
     """Also checkpoint every this many minutes of training. Each checkpoint records its step
     and training seconds (``understudy_checkpoint.json``) and holds the tokenizer, so it exports
     on its own (``training_checkpoints``: learning curves by time)."""
-    keep_checkpoints: int | None = Field(default=2, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=0)
     """Newest checkpoints kept while training (deleted once the student is registered);
-    ``None``: keep every one, also after the run."""
+    ``0``: keep every one, also after the run."""
     seed: int = 0
     """Seed for initialisation and data order."""
     threads: int | None = Field(default=None, ge=1)
@@ -604,7 +604,7 @@ class DistillJob:
             batch_size=t.batch_size,
             save_every=t.save_every,
             save_every_minutes=t.save_every_minutes,
-            keep_checkpoints=t.keep_checkpoints,
+            keep_checkpoints=t.keep_checkpoints or None,
             seed=t.seed,
             threads=t.threads,
             vocab_size=s.vocab_size,
@@ -704,7 +704,7 @@ class DistillJob:
             self._evaluate_stage(run)
         with self._stage(run, "register"):
             result = self._register_stage(run, trigger, started)
-        if self.config.training.keep_checkpoints is not None:
+        if self.config.training.keep_checkpoints:
             shutil.rmtree(run.dir / "train" / "checkpoints", ignore_errors=True)
         return result
 

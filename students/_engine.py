@@ -99,6 +99,8 @@ class _ThreadPool:
             llama = ctypes.CDLL(str(lib / "libllama.so"))
             llama.llama_attach_threadpool.restype = None
             llama.llama_attach_threadpool.argtypes = [ctypes.c_void_p] * 3
+            llama.llama_detach_threadpool.restype = None
+            llama.llama_detach_threadpool.argtypes = [ctypes.c_void_p]
             cls._api = (base, cpu, llama)
         return cls._api
 
@@ -121,6 +123,32 @@ class _ThreadPool:
             handles.append(handle)
         llama.llama_attach_threadpool(ctx, handles[0], handles[-1])
         return cls(handles, cpu)
+
+    @classmethod
+    def attach_checked(
+        cls, ctx: Any, n_threads: int, n_threads_batch: int, probe: Any
+    ) -> _ThreadPool | None:
+        """:meth:`attach`, kept only if ``probe()`` (logits of a fixed decode) agrees with it.
+
+        With this llama.cpp build a persistent pool of more than one thread computes NaN for
+        some k-quant files (a SmolLM2 Q4_K_M student: every logit NaN, where ggml's pool per
+        call is right), so the pool is checked against the per-call one on each new context.
+        """
+        reference = probe()
+        pool = cls.attach(ctx, n_threads, n_threads_batch)
+        if pool is None:
+            return None
+        got = probe()
+        scale = max(1.0, float(np.abs(reference).max()))
+        if np.all(np.isfinite(got)) and float(np.abs(got - reference).max()) <= 1e-3 * scale:
+            return pool
+        cls._functions()[2].llama_detach_threadpool(ctx)
+        pool.free()
+        logger.warning(
+            "llama.cpp's persistent thread pool computed different logits for this model; "
+            "using ggml's pool per decode call instead (slower, correct)"
+        )
+        return None
 
     def free(self) -> None:
         """Free the pools (after the context that used them)."""
@@ -343,17 +371,32 @@ class _Loop:
                 "lower n_parallel or n_ctx"
             )
         self._ctx = ctx
+        self.n_ctx = n_ctx
+        self._mem = llama_cpp.llama_get_memory(ctx)
         self._pool = (
-            _ThreadPool.attach(ctx, int(params.n_threads), int(params.n_threads_batch))
+            _ThreadPool.attach_checked(
+                ctx, int(params.n_threads), int(params.n_threads_batch), self._probe_logits
+            )
             if thread_pool
             else None
         )
-        self._mem = llama_cpp.llama_get_memory(ctx)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self.inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self.stats = EngineStats(slots=slots)
         self._slots = _Slots(free=list(range(slots - 1, -1, -1)))
         self._waiting: deque[Generation] = deque()
+
+    def _probe_logits(self) -> np.ndarray:
+        """The last logits of a fixed decode of up to 16 tokens on slot 0 (then forgotten)."""
+        lib = self._lib
+        n = min(16, self.n_batch, self.n_ctx)
+        ids = (lib.llama_token * n)(*[(i * 7919) % self.n_vocab for i in range(1, n + 1)])
+        if lib.llama_decode(self._ctx, lib.llama_batch_get_one(ids, n)) != 0:
+            raise StudentError(f"llama.cpp could not decode a {n}-token probe")
+        out = np.ctypeslib.as_array(lib.llama_get_logits_ith(self._ctx, -1), (self.n_vocab,))
+        logits = out.copy()
+        lib.llama_memory_seq_rm(self._mem, 0, -1, -1)
+        return logits
 
     # -- the loop ---------------------------------------------------------------------------
 

@@ -88,6 +88,39 @@ def test_engine_own_thread_pool_decodes_the_same_tokens(trained_gguf: Path) -> N
     assert out[True] == out[False] and out[True]
 
 
+def test_a_thread_pool_that_changes_the_logits_is_not_kept(
+    trained_gguf: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # this llama.cpp build's persistent pool computes NaN for some k-quant files; the engine
+    # compares a probe decode with and without the pool and keeps ggml's pool per call then
+    import numpy as np
+
+    from langchain_understudy.students._engine import Engine, Sampling, _ThreadPool
+    from langchain_understudy.students._llama import load_llama
+
+    llm = load_llama(trained_gguf, n_ctx=256, n_threads=2, n_gpu_layers=0, seed=0)
+    answers = iter([np.zeros(4), np.full(4, np.nan)])  # before the pool, then with it
+    with caplog.at_level("WARNING", logger="langchain_understudy"):
+        assert _ThreadPool.attach_checked(llm.ctx, 2, 2, lambda: next(answers)) is None
+    assert "thread pool computed different logits" in caplog.text
+    import llama_cpp
+
+    llm.reset()
+    llm.eval(llm.tokenize(b"What color is the cat?"))
+    logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), (llm.n_vocab(),))
+    assert np.isfinite(logits).all() and np.abs(logits).max() > 0  # computed without the pool
+    # a pool that agrees is kept, and the engine's own probe agrees on this student
+    kept = _ThreadPool.attach_checked(llm.ctx, 2, 2, lambda: np.ones(4))
+    assert kept is not None
+    _ThreadPool._functions()[2].llama_detach_threadpool(llm.ctx)
+    kept.free()
+    engine = Engine(llm, slots=1, n_ctx=64, n_batch=8, n_threads=2)
+    assert engine._loop._pool is not None
+    with engine.generate(llm.tokenize(b"What color"), max_tokens=2, sampling=Sampling()) as gen:
+        assert len(list(gen)) >= 1
+    engine.close()
+
+
 def test_stop_and_max_tokens(student: ChatStudent) -> None:
     cut = student.invoke(Q, stop=["rp"])
     assert cut.content == "pu"

@@ -78,6 +78,9 @@ def test_first_run_registers_and_promotes(job_dir: Path, first_run: dict) -> Non
     assert prov["teacher_model"] == "teacher-test"
     assert len(prov["trace_snapshot"]) == 16 and prov["quant"] == "Q8_0"
     assert prov["n_heldout"] > 0 and prov["config"]["student"]["hidden"] == 64
+    # a registered run keeps its final checkpoint, not the ones it resumed from
+    assert (result.run_dir / "train" / "final").is_dir()
+    assert not (result.run_dir / "train" / "checkpoints").exists()
     assert prov["tools"] == []  # the tools it learnt to call (the colour traces call none)
     for name in ("ood_index.npy", "loss.png", "report.json", "heldout_eval.jsonl"):
         assert current.artifact(name).exists()
